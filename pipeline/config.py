@@ -1,0 +1,173 @@
+"""Build configuration: one pydantic model per stage, composed into `BuildConfig` and read from YAML.
+
+Defaults are the paper's (docs/official-reference: WebBody steps a-j). A wrong type or an unknown key is
+a clear error naming the field, before anything runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    executor: Literal["local", "ray"] = "ray"
+    ray_address: str | None = None  # None = local Ray started in-process
+    num_actors: int = Field(1, ge=1)  # actor-pool size for model stages
+    actor_cpus: float = Field(0.5, gt=0)  # < total CPUs: leave room for Ray Data's read tasks
+    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the machine has GPUs
+
+
+class QueryInput(_Strict):
+    path: str
+    # url_lst: `idx label URL...` lines; table: CSV/JSONL/parquet with name|label and url; captions: LAION-style
+    # parquet with url + caption searched for `names`.
+    format: Literal["auto", "url_lst", "table", "captions"] = "auto"
+    names: list[str] | str | None = None  # captions: a list, or a path to a file with one name per line
+    per_name_cap: int | None = Field(None, ge=1)
+
+
+class QueryConfig(_Strict):
+    inputs: list[QueryInput] = Field(default_factory=list)
+    shard_size: int = Field(10_000, ge=1)  # rows per manifest shard (and so per downstream shard)
+    optout_names: list[str] | str | None = None  # names, or a file with one per line
+    optout_domains: list[str] | str | None = None  # domains (suffix match), or a file
+    per_name_cap: int | None = Field(None, ge=1)
+
+
+class DownloadConfig(_Strict):
+    image_size: int = Field(640, ge=16)
+    resize_mode: Literal["border", "keep_ratio", "center_crop", "no"] = "border"
+    resize_only_if_bigger: bool = False  # the paper upscales small images to 640
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(85, ge=1, le=100)
+    timeout: int = Field(20, ge=1)
+    retries: int = Field(1, ge=0)
+    processes_count: int = Field(2, ge=1)
+    thread_count: int = Field(16, ge=1)
+    # Opt-out headers (X-Robots-Tag) honoured by default; an empty list is an explicit, logged override.
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    max_image_area: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default limit)
+    allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
+    retry_failed: bool = True  # a second pass over failed URLs
+
+
+class PersonsConfig(_Strict):
+    model: str = "yolov8n-pose.pt"  # a path, or a name resolved through the cache directory
+    conf_threshold: float = Field(0.7, ge=0, le=1)
+    max_persons: int = Field(6, ge=1)
+    mode: Literal["all", "dominant"] = "all"
+    box_padding: float = Field(0.05, ge=0)
+    imgsz: int = Field(640, ge=32)
+    batch_size: int = Field(16, ge=1)
+    device: str = "cpu"
+    crop_format: Literal["png", "jpg"] = "jpg"
+    crop_quality: int = Field(95, ge=1, le=100)
+    fill: int = Field(255, ge=0, le=255)  # white, matching the download's border padding
+
+
+class FacesConfig(_Strict):
+    detector: Literal["retinaface", "scrfd"] = "retinaface"
+    detector_model: str = "retinaface_r50.onnx"
+    detector_input: int = Field(160, ge=32)
+    embedder: Literal["kprpe", "arcface", "dlib"] = "kprpe"
+    embedder_model: str | None = None
+    min_face_size: int = Field(16, ge=1)  # official rule: 2 * face side >= 16 px
+    batch_size: int = Field(16, ge=1)
+    device: str = "cpu"
+
+
+class EmbedderThresholds(_Strict):
+    """Similarities are cosine for kprpe/arcface; dlib's are 1 - L2/2 style scores set in its defaults."""
+
+    dbscan_eps: float = 0.7
+    dbscan_min_samples: int = 2
+    merge: float = 0.7
+    ambiguous: float = 0.6
+    val_overlap: float = 0.7
+    duplicate: float = 0.9
+
+
+class CleanConfig(_Strict):
+    thresholds: dict[str, EmbedderThresholds] = Field(default_factory=dict)
+    top_k_clusters: int = Field(1, ge=1)
+    face_score: float = Field(0.95, ge=0, le=1)
+    min_images: int = Field(2, ge=1)
+    valsets: list[str] = Field(default_factory=list)  # center files from `webbody valsets build`
+    block_size: int = Field(65_536, ge=1)
+
+
+class BundleConfig(_Strict):
+    image_size: int = Field(384, ge=32)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(5_000, ge=1)
+    test_identities: int = Field(4000, ge=0)
+    seed: int = 42
+    write_face_npy: bool = False
+
+
+class BuildConfig(_Strict):
+    name: str = "webbody"
+    run: RunConfig = Field(default_factory=RunConfig)
+    query: QueryConfig = Field(default_factory=QueryConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    persons: PersonsConfig = Field(default_factory=PersonsConfig)
+    faces: FacesConfig = Field(default_factory=FacesConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("name must be a plain word (no '/', not starting with '.')")
+        return v
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> BuildConfig:
+    """Read a YAML config (relative input paths resolve against the config file's folder)."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        base = p.resolve().parent
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        cfg = BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid config {path or '(defaults)'}:\n" + "\n".join(lines)) from None
+    for inp in cfg.query.inputs:
+        if not Path(inp.path).is_absolute() and "://" not in inp.path:
+            inp.path = str((base / inp.path).resolve())
+    return cfg
+
+
+def _set_dotted(data: dict, key: str, value: object) -> None:
+    parts = key.split(".")
+    cur = data
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value

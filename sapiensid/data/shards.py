@@ -1,0 +1,131 @@
+"""Reading WebBody WebDataset shards: URL expansion, opening (local, `pipe:`, http, or any fsspec URL), tar
+parsing with `webdataset`, and decoding one sample into (image, 22 keypoints, label, meta)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import cv2
+import numpy as np
+import webdataset as wds
+from webdataset import tariterators
+
+from sapiensid.data.transforms import keypoints22_from_meta
+from schemas.base import SchemaError
+from schemas.sample import validate_sample
+
+log = logging.getLogger(__name__)
+
+# Schemes webdataset's own gopen handles; anything else with a scheme goes through fsspec.
+_GOPEN_SCHEMES = {"", "file", "pipe", "http", "https"}
+
+
+def expand_urls(spec: str | os.PathLike | Iterable[str], split: str | None = None) -> list[str]:
+    """Shard URLs from a brace pattern, a glob, a directory of bundle shards (optionally one split), or a list."""
+    if not isinstance(spec, (str, os.PathLike)):
+        out: list[str] = []
+        for item in spec:
+            out.extend(expand_urls(item, split))
+        return out
+    spec = str(spec)
+    scheme = urlparse(spec).scheme
+    if scheme in ("", "file") and os.path.isdir(spec.removeprefix("file://")):
+        pattern = f"webbody-{split}-*.tar" if split else "*.tar"
+        found = sorted(glob.glob(os.path.join(spec.removeprefix("file://"), pattern)))
+        if not found:
+            raise FileNotFoundError(f"no shards matching {pattern} in {spec}")
+        return found
+    if scheme == "" and any(ch in spec for ch in "*?["):
+        found = sorted(glob.glob(spec))
+        if not found:
+            raise FileNotFoundError(f"no shards match {spec}")
+        return found
+    return list(braceexpand.braceexpand(spec))
+
+
+def open_url(url: str):
+    """A binary read stream for one shard."""
+    scheme = urlparse(url).scheme
+    if scheme in _GOPEN_SCHEMES or len(scheme) == 1:  # len 1: a Windows drive letter
+        return wds.gopen(url, "rb")
+    import fsspec  # only for remote object stores (s3://, gs://, memory://, ...)
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_raw(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__`, `__url__`, `jpg`, `json`, ...) of each shard in order, via webdataset's tar
+    parsing. Shards are opened lazily, one at a time."""
+
+    def streams() -> Iterator[dict[str, Any]]:
+        for url in urls:
+            yield {"url": url, "stream": open_url(url)}
+
+    files = tariterators.tar_file_expander(streams())
+    yield from tariterators.group_by_keys(files)
+
+
+@dataclass
+class Decoded:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    points: np.ndarray  # (22, 2) pixel coordinates of `image`, -1 missing
+    label: int
+    meta: dict[str, Any]
+
+
+class DecodeError(ValueError):
+    """A sample that cannot be used; the loaders count and skip it."""
+
+
+def decode_sample(raw: dict[str, Any]) -> Decoded:
+    """Decode a raw shard sample; raise DecodeError with the key on anything unusable."""
+    key = raw.get("__key__", "?")
+    if "jpg" not in raw or "json" not in raw:
+        raise DecodeError(f"{key}: missing .jpg or .json member")
+    try:
+        meta = json.loads(raw["json"])
+        validate_sample(meta, where=key)
+    except (json.JSONDecodeError, SchemaError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"{key}: bad metadata ({exc})") from exc
+    bgr = cv2.imdecode(np.frombuffer(raw["jpg"], dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DecodeError(f"{key}: image does not decode")
+    image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    frame = max(image.shape[:2])
+    return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["label"]), meta)
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and logs the first few of each."""
+
+    def __init__(self, max_logged: int = 5) -> None:
+        self.counts: dict[str, int] = {}
+        self.max_logged = max_logged
+
+    def skip(self, reason: str, message: str) -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n <= self.max_logged:
+            log.warning("skipping sample (%s): %s", reason, message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def iter_decoded(urls: Iterable[str], skips: SkipCounter | None = None) -> Iterator[Decoded]:
+    """Every decodable sample of the shards in order (evaluation); bad ones are counted in `skips`."""
+    skips = skips if skips is not None else SkipCounter()
+    for raw in iter_raw(urls):
+        try:
+            yield decode_sample(raw)
+        except DecodeError as exc:
+            skips.skip("decode_error", str(exc))

@@ -1,0 +1,16 @@
+"""pyarrow schemas and validators for every table and shard record WebBody writes."""
+
+from schemas.base import REGISTRY, SchemaError, TableSchema, get_schema, register
+from schemas.sample import validate_sample
+from schemas.tables import DOWNLOAD, MANIFEST
+
+__all__ = [
+    "DOWNLOAD",
+    "MANIFEST",
+    "REGISTRY",
+    "SchemaError",
+    "TableSchema",
+    "get_schema",
+    "register",
+    "validate_sample",
+]

@@ -1,0 +1,115 @@
+"""Versioned pyarrow schemas and the validator every stage runs on what it reads and writes.
+
+A schema is registered under a table name with an integer version stored in the schema metadata, so a
+shard written by an older pipeline is recognised (and refused with a clear message) instead of being
+misread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_NAME_KEY = b"webbody.table"
+SCHEMA_VERSION_KEY = b"webbody.version"
+
+
+class SchemaError(ValueError):
+    """A table does not match its schema; the message names the table and the column."""
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """A named, versioned pyarrow schema.
+
+    `required` columns must be present with exactly the declared type. Extra columns are refused unless
+    `allow_extra` is set (stages may carry pass-through columns such as img2dataset's `key`).
+    """
+
+    name: str
+    version: int
+    schema: pa.Schema
+    allow_extra: bool = False
+
+    @property
+    def arrow(self) -> pa.Schema:
+        return self.schema.with_metadata(
+            {SCHEMA_NAME_KEY: self.name.encode(), SCHEMA_VERSION_KEY: str(self.version).encode()}
+        )
+
+    def validate(self, table: pa.Table, where: str = "") -> pa.Table:
+        """Return `table` cast to this schema (column order and metadata), or raise SchemaError."""
+        loc = f" in {where}" if where else ""
+        meta = table.schema.metadata or {}
+        if SCHEMA_NAME_KEY in meta:
+            found_name = meta[SCHEMA_NAME_KEY].decode()
+            found_version = int(meta.get(SCHEMA_VERSION_KEY, b"0"))
+            if found_name != self.name:
+                raise SchemaError(f"table{loc} is a '{found_name}' table, expected '{self.name}'")
+            if found_version != self.version:
+                raise SchemaError(
+                    f"table '{self.name}'{loc} has schema version {found_version}, this code reads "
+                    f"version {self.version}: re-run the stage that wrote it"
+                )
+        names = set(table.column_names)
+        for field in self.schema:
+            if field.name not in names:
+                raise SchemaError(f"table '{self.name}'{loc}: missing column '{field.name}' ({field.type})")
+            got = table.schema.field(field.name).type
+            if got != field.type and not _safely_castable(got, field.type):
+                raise SchemaError(
+                    f"table '{self.name}'{loc}: column '{field.name}' has type {got}, expected {field.type}"
+                )
+            if not field.nullable and table.column(field.name).null_count:
+                raise SchemaError(f"table '{self.name}'{loc}: column '{field.name}' has nulls but is required")
+        extra = [n for n in table.column_names if n not in self.schema.names]
+        if extra and not self.allow_extra:
+            raise SchemaError(f"table '{self.name}'{loc}: unexpected column(s) {extra}")
+        cols = [table.column(f.name).cast(f.type) for f in self.schema]
+        return pa.Table.from_arrays(cols, schema=self.arrow)
+
+    def empty(self) -> pa.Table:
+        return self.arrow.empty_table()
+
+    def from_rows(self, rows: list[dict]) -> pa.Table:
+        """Build a validated table from python dicts (missing nullable keys become null)."""
+        if not rows:
+            return self.empty()
+        cols = {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in self.schema}
+        return self.validate(pa.table(cols))
+
+
+def _safely_castable(got: pa.DataType, want: pa.DataType) -> bool:
+    # Integer widening, string/large_string and binary/large_binary differences come from writers such as
+    # img2dataset and pandas; anything else is a real mismatch.
+    if pa.types.is_integer(got) and pa.types.is_integer(want):
+        return True
+    if pa.types.is_floating(got) and pa.types.is_floating(want):
+        return True
+    if pa.types.is_null(got):
+        return True
+    pairs = {
+        (pa.string(), pa.large_string()),
+        (pa.large_string(), pa.string()),
+        (pa.binary(), pa.large_binary()),
+        (pa.large_binary(), pa.binary()),
+    }
+    return (got, want) in pairs
+
+
+REGISTRY: dict[str, TableSchema] = {}
+
+
+def register(ts: TableSchema) -> TableSchema:
+    if ts.name in REGISTRY and REGISTRY[ts.name] != ts:
+        raise ValueError(f"schema '{ts.name}' registered twice with different definitions")
+    REGISTRY[ts.name] = ts
+    return ts
+
+
+def get_schema(name: str) -> TableSchema:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise SchemaError(f"unknown table '{name}'; known: {sorted(REGISTRY)}") from None

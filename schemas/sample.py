@@ -1,0 +1,70 @@
+"""The metadata record of one WebDataset sample (`<key>.json` in the bundle shards).
+
+Coordinates are pixels of the 384x384 bundle image (x right, y down); `visibility` is the pose model's
+keypoint confidence in [0, 1] (a point counts as visible when >= KEYPOINT_VISIBLE). Face fields are null
+when no face was found. The training loader builds the model's 22-point input from this record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.base import SchemaError
+
+SAMPLE_VERSION = 1
+IMAGE_SIZE = 384
+NUM_BODY_KEYPOINTS = 17
+KEYPOINT_VISIBLE = 0.5
+
+# field -> (python types accepted, required)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "key": ((str,), True),
+    "label": ((int,), True),  # contiguous identity label of the bundle, 0..N-1
+    "identity": ((str,), True),  # stable identity id from the clean stage
+    "name": ((str,), True),
+    "split": ((str,), True),
+    "url": ((str,), True),
+    "image_sha256": ((str,), True),  # of the downloaded source image
+    "sample_id": ((str,), True),
+    "detection_index": ((int,), True),
+    "keypoints": ((list,), True),  # 17 x [x, y, visibility] in the 384 frame
+    "body_box": ((list,), True),  # padded person box [x1, y1, x2, y2] in the source image
+    "content_box": ((list,), True),  # the non-padding area [x1, y1, x2, y2] in the 384 frame
+    "person_score": ((float, int), True),
+    "face_box": ((list, type(None)), False),  # [x1, y1, x2, y2] in the 384 frame
+    "face_landmarks": ((list, type(None)), False),  # 5 x [x, y] ArcFace order, in the 384 frame
+    "face_score": ((float, int, type(None)), False),
+    "pipeline_version": ((str,), True),
+    "config_hash": ((str,), True),
+    "version": ((int,), True),
+}
+
+
+def validate_sample(meta: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Raise SchemaError naming the field if `meta` is not a valid sample record; return it otherwise."""
+    loc = f" ({where})" if where else ""
+    for field, (types, required) in _FIELDS.items():
+        if field not in meta:
+            if required:
+                raise SchemaError(f"sample{loc}: missing field '{field}'")
+            continue
+        if not isinstance(meta[field], types) or isinstance(meta[field], bool) and bool not in types:
+            raise SchemaError(f"sample{loc}: field '{field}' has type {type(meta[field]).__name__}")
+    if meta["version"] != SAMPLE_VERSION:
+        raise SchemaError(f"sample{loc}: version {meta['version']}, this code reads {SAMPLE_VERSION}")
+    kps = meta["keypoints"]
+    if len(kps) != NUM_BODY_KEYPOINTS or any(len(p) != 3 for p in kps):
+        raise SchemaError(f"sample{loc}: field 'keypoints' must be 17 x [x, y, visibility]")
+    for x, y, v in kps:
+        if not (0.0 <= v <= 1.0):
+            raise SchemaError(f"sample{loc}: field 'keypoints' visibility {v} outside [0, 1]")
+        if v >= KEYPOINT_VISIBLE and not (0.0 <= x <= IMAGE_SIZE and 0.0 <= y <= IMAGE_SIZE):
+            raise SchemaError(f"sample{loc}: field 'keypoints' visible point ({x}, {y}) outside the image")
+    for box_field in ("body_box", "content_box", "face_box"):
+        box = meta.get(box_field)
+        if box is not None and (len(box) != 4 or box[2] < box[0] or box[3] < box[1]):
+            raise SchemaError(f"sample{loc}: field '{box_field}' must be [x1, y1, x2, y2] with x2>=x1, y2>=y1")
+    lm = meta.get("face_landmarks")
+    if lm is not None and (len(lm) != 5 or any(len(p) != 2 for p in lm)):
+        raise SchemaError(f"sample{loc}: field 'face_landmarks' must be 5 x [x, y]")
+    return meta

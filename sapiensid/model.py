@@ -1,0 +1,132 @@
+"""SapiensID (CVPR 2025): public model interface.
+
+``SapiensID(config)`` wraps :class:`sapiensid.mrm.MaskedRecognitionModel` as ``.net`` so its state dict
+is exactly the released checkpoints' (``net.*``). Inputs:
+
+* ``images`` (B, 3, S, S) RGB in [-1, 1] (S = 384 for ``base``), white-padded to a square;
+* ``foreground_masks`` (B, S, S) bool or None (None = everything is foreground);
+* ``ldmks`` (B, 22, 2) in [0, 1], -1 = missing (17 COCO body points + 5 face landmarks);
+* ``dataset_index`` (B,) optional row of the per-dataset part weights (default row 0).
+
+In training the number of kept tokens is ``model.set_keep_tokens(n)`` or ``forward(..., n_keep=n)``;
+see :mod:`sapiensid.masking` for the paper's variable rate and batch-size rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sapiensid.checkpoint import CheckpointMismatchError, load_strict
+from sapiensid.config import SapiensIDConfig
+from sapiensid.keypoints import hflip_keypoints22
+from sapiensid.masking import keep_count_for_batch, lr_for_keep, variable_keep_count
+from sapiensid.mrm import MaskedRecognitionModel
+
+__all__ = [
+    "CheckpointMismatchError",
+    "SapiensID",
+    "SapiensIDConfig",
+    "embed_with_flip",
+    "foreground_mask_from_white",
+    "hflip_inputs",
+    "keep_count_for_batch",
+    "load_sapiensid_weights",
+    "lr_for_keep",
+    "variable_keep_count",
+]
+
+WHITE_ROW_THRESHOLD = 3 * 0.99  # mean summed RGB (in [0,1]) at or above which a row/column is padding
+
+
+class SapiensID(nn.Module):
+    def __init__(self, config: SapiensIDConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SapiensIDConfig.preset("base")
+        self.net = MaskedRecognitionModel(self.config)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.output_dim
+
+    @property
+    def n_candidates(self) -> int:
+        return self.config.n_candidates
+
+    def set_keep_tokens(self, n: int) -> None:
+        """Number of candidate tokens kept per sample in training (the MRM keep count)."""
+        if not 1 <= int(n) <= self.config.n_candidates:
+            raise ValueError(f"keep count must be in [1, {self.config.n_candidates}], got {n}")
+        self.net.n_keep = int(n)
+
+    @property
+    def keep_tokens(self) -> int:
+        return self.net.n_keep
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        foreground_masks: torch.Tensor | None,
+        ldmks: torch.Tensor,
+        dataset_index: torch.Tensor | None = None,
+        n_keep: int | None = None,
+    ) -> torch.Tensor:
+        """Raw (not normalised) embeddings (B, output_dim)."""
+        return self.net(images, foreground_masks, ldmks, dataset_index, n_keep)  # type: ignore[return-value]
+
+
+def load_sapiensid_weights(model: SapiensID, path: str | Path) -> SapiensID:
+    """Strictly load a released checkpoint: flat ``net.*`` or ``{"model_state_dict": {"model.net.*"}}``
+    (.pth/.pt via ``torch.load(weights_only=True)``, or .safetensors). Raises CheckpointMismatchError."""
+    return load_strict(model, path)  # type: ignore[return-value]
+
+
+def foreground_mask_from_white(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W) bool foreground by the white-padding rule.
+
+    A row (column) is padding when the mean over it of the summed RGB (in [0, 1]) is >= 2.97; the
+    foreground is the rectangle between the first and last non-padding row and column. An all-white
+    image has no such rows: it is treated as all foreground so it still yields tokens.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+    rgb = (images.float() + 1) / 2
+    summed = rgb.sum(dim=1)  # (B, H, W)
+    row_fg = summed.mean(dim=2) < WHITE_ROW_THRESHOLD  # (B, H)
+    col_fg = summed.mean(dim=1) < WHITE_ROW_THRESHOLD  # (B, W)
+
+    def span(flags: torch.Tensor) -> torch.Tensor:
+        n = flags.shape[1]
+        idx = torch.arange(n, device=flags.device)
+        any_fg = flags.any(dim=1, keepdim=True)
+        first = torch.where(flags, idx, n).amin(dim=1, keepdim=True)
+        last = torch.where(flags, idx, -1).amax(dim=1, keepdim=True)
+        inside = (idx >= first) & (idx <= last)
+        return torch.where(any_fg, inside, torch.ones_like(inside))
+
+    return span(row_fg)[:, :, None] & span(col_fg)[:, None, :]
+
+
+def hflip_inputs(
+    images: torch.Tensor, masks: torch.Tensor | None, ldmks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Horizontally flip images, masks and 22-point keypoints (x -> 1 - x, left/right pairs swapped)."""
+    return images.flip(-1), (masks.flip(-1) if masks is not None else None), hflip_keypoints22(ldmks)
+
+
+@torch.no_grad()
+def embed_with_flip(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    ldmks: torch.Tensor,
+    dataset_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Evaluation embedding: L2-normalised ``f(x) + f(hflip x)``."""
+    feats = model(images, masks, ldmks, dataset_index)
+    fi, fm, fl = hflip_inputs(images, masks, ldmks)
+    feats = feats + model(fi, fm, fl, dataset_index)
+    return F.normalize(feats, dim=1)

@@ -24,6 +24,7 @@ from sapiensid.data import (
     keypoints22_from_meta,
 )
 from sapiensid.data.synthetic import write_shards
+from sapiensid.masking import keep_count_for_batch
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_one_epoch_covers_every_sample_once(shards):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_the_same_batches(shards, workers):
     _, paths = shards
-    spec = _spec(paths, plan=BatchPlan(batch_size=4, keep_tokens=100, keep_range=(50, 200), seed=1))
+    spec = _spec(paths, plan=BatchPlan(batch_size=4, keep_tokens=100, variable=(200, 60, 2.0), max_batch_size=9, seed=1))
     full = StreamLoader(spec, workers=workers)
     ref = [next(full) for _ in range(14)]  # > 1 epoch per stream
     first = StreamLoader(spec, workers=workers)
@@ -144,13 +145,17 @@ def test_resume_gives_the_same_batches(shards, workers):
         StreamLoader(spec, workers=workers + 3).load_state_dict(state)
 
 
-def test_variable_keep_batches_hold_token_budget():
-    plan = BatchPlan(batch_size=32, keep_tokens=146, keep_range=(60, 300), seed=0)
+def test_variable_keep_batches_follow_the_memory_rule():
+    plan = BatchPlan(batch_size=32, keep_tokens=146, variable=(432, 60, 3.0), max_batch_size=400, seed=0)
     sizes = [plan.for_step(t) for t in range(200)]
-    keeps = {k for _, k in sizes}
-    assert len(keeps) > 20 and min(keeps) >= 60 and max(keeps) <= 300
+    keeps = [k for _, k in sizes]
+    assert len(set(keeps)) > 20 and min(keeps) >= 60 and max(keeps) <= 432
     for b, k in sizes:
-        assert 32 * 146 - k < b * k <= 32 * 146
+        # keep^2 * batch is held at 146^2 * 32: the keep count the model's rule gives this batch is ~k.
+        if b < 400:
+            assert abs(b - 32 * (146 / k) ** 2) <= 0.5 + 1e-9
+        if 20 <= b < 400:  # rounding of b aside, the model's inverse rule gives back k
+            assert abs(keep_count_for_batch(146, 32, b) - k) <= 0.05 * k
     assert plan.for_step(7) == plan.for_step(7)
     assert BatchPlan(batch_size=8, keep_tokens=None).for_step(3) == (8, None)
 

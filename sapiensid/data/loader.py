@@ -34,6 +34,7 @@ from sapiensid.data.transforms import (
     normalise_keypoints,
     resize_square,
 )
+from sapiensid.masking import variable_keep_count
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +43,26 @@ log = logging.getLogger(__name__)
 class BatchPlan:
     """Batch size and kept-token count per global step.
 
-    Fixed masking: every step uses ``batch_size`` and ``keep_tokens``. Variable masking (``keep_range``): the kept
-    count is drawn per step from ``keep_range`` (uniform on the masking *rate*), and the batch size is scaled so
-    ``batch * keep`` stays at ``batch_size * keep_tokens``: the compute per step stays flat while the masking rate
-    varies. ``keep_tokens=None`` lets the model keep every valid token (no MRM).
+    Fixed masking: every step uses ``batch_size`` and ``keep_tokens`` (``None``: the model keeps every valid
+    token, no MRM). Variable masking (``variable=(n_total, n_min, lam)``): the kept count is drawn per step by
+    :func:`sapiensid.masking.variable_keep_count` (paper eq. 6) and the batch follows the model's memory rule
+    ``keep^2 * batch = keep_tokens^2 * batch_size`` (:func:`sapiensid.masking.keep_count_for_batch` inverted),
+    clipped to ``[1, max_batch_size]``. The trainer scales the learning rate by ``batch / batch_size``.
     """
 
     batch_size: int
     keep_tokens: int | None = None
-    keep_range: tuple[int, int] | None = None
+    variable: tuple[int, int, float] | None = None
     max_batch_size: int | None = None
     seed: int = 0
 
     def for_step(self, step: int) -> tuple[int, int | None]:
-        if self.keep_range is None or self.keep_tokens is None:
+        if self.variable is None or self.keep_tokens is None:
             return self.batch_size, self.keep_tokens
-        lo, hi = self.keep_range
+        n_total, n_min, lam = self.variable
         rng = np.random.default_rng((self.seed, 7919, step))
-        keep = int(rng.integers(lo, hi + 1))
-        batch = max(1, int(self.batch_size * self.keep_tokens / keep))
+        keep = variable_keep_count(int(n_total), int(n_min), float(lam), rng)
+        batch = max(1, int(round(self.batch_size * (self.keep_tokens / keep) ** 2)))
         if self.max_batch_size is not None:
             batch = min(batch, self.max_batch_size)
         return batch, keep

@@ -1,0 +1,158 @@
+"""`webbody`: the command line. Every error ends in a message that says what to do, and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.runtime import ensure_offline_env
+
+# Modules that add their own subcommands (`add_commands(subparsers)`), imported only if present so that a
+# checkout missing one still has a working CLI.
+COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end"]
+
+
+def _parse_overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects key=value (e.g. run.executor=local), got '{item}'")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from flows.build import build_flow, build_plain
+
+    fn = build_plain if args.no_prefect else build_flow
+    result = fn(config_path=args.config, output=args.output, until=args.until, ray_address=args.ray_address,
+                overwrite=args.overwrite, overrides=_parse_overrides(args.set))
+    _print_result(result)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from flows.build import load_build_config
+    from pipeline.registry import get_stage, run_stage
+
+    cfg = load_build_config(args.config, args.ray_address, _parse_overrides(args.set))
+    spec = get_stage(args.name)
+    inp = Path(args.input) if args.input else None
+    if spec.needs and inp is None:
+        raise SystemExit(f"error: stage '{args.name}' needs --input (the output of '{spec.needs[0]}')")
+    if len(spec.needs) == 1:
+        inputs = {spec.needs[0]: inp}
+    else:  # multi-input stages take a build directory holding each needed stage's folder
+        inputs = {n: inp / n for n in spec.needs}
+    stats = run_stage(args.name, cfg, inputs, Path(args.output), overwrite=args.overwrite)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    path = root / "stats.json"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found: is {root} a build or stage output directory?")
+    stats = json.loads(path.read_text())
+    if "stages" in stats:
+        print(f"{'stage':<10} {'in':>9} {'out':>9}  drops")
+        for s in stats["stages"]:
+            drops = ", ".join(f"{k}={v}" for k, v in (s.get("drops") or {}).items())
+            print(f"{s['stage']:<10} {s.get('rows_in', ''):>9} {s.get('rows_out', ''):>9}  {drops}")
+    else:
+        print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    result = run_demo(output=args.output, use_prefect=not args.no_prefect, executor=args.executor)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    print(f"output:  {result['output']}")
+    print(f"stats:   {result['stats']}")
+    if result.get("report"):
+        print(f"report:  {result['report']}")
+    for s in result.get("funnel", {}).get("stages", []):
+        drops = ", ".join(f"{k}={v}" for k, v in (s.get("drops") or {}).items())
+        print(f"  {s['stage']:<9} in={s.get('rows_in')} out={s.get('rows_out')}  {drops}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.registry import STAGE_NAMES
+
+    p = argparse.ArgumentParser(prog="webbody", description="Build WebBody and train/evaluate SapiensID.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build the demo corpus end to end (no network, no Prefect server)")
+    d.add_argument("--output", default="output/demo", help="build directory (default: output/demo)")
+    d.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
+    d.add_argument("--executor", choices=["ray", "local"], default="ray")
+    d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("build", help="run the webbody-build flow")
+    b.add_argument("config", help="YAML config (see configs/)")
+    b.add_argument("--output", required=True, help="build directory")
+    b.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    b.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
+    b.add_argument("--overwrite", action="store_true", help="redo shards made with another config")
+    b.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    b.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("stage", help="re-run one stage")
+    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("--input", help="the previous stage's directory (bundle: the build directory)")
+    s.add_argument("--output", required=True)
+    s.add_argument("--config")
+    s.add_argument("--ray-address")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(fn=cmd_stage)
+
+    st = sub.add_parser("stats", help="print the funnel of a build (or a stage's roll-up)")
+    st.add_argument("dir")
+    st.set_defaults(fn=cmd_stats)
+
+    for name in COMMAND_PROVIDERS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        add: Callable | None = getattr(importlib.import_module(name), "add_commands", None)
+        if add is not None:
+            add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ensure_offline_env()
+    from pipeline.assets import AssetError
+    from pipeline.config import ConfigError
+    from pipeline.stage import StageError
+    from schemas.base import SchemaError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, StageError, SchemaError, AssetError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the finished shards", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,6 +73,12 @@ class PersonsConfig(_Strict):
     crop_format: Literal["png", "jpg"] = "jpg"
     crop_quality: int = Field(95, ge=1, le=100)
     fill: int = Field(255, ge=0, le=255)  # white, matching the download's border padding
+    iou: float = Field(0.7, gt=0, le=1)  # NMS IoU (Ultralytics' default, as the official run)
+    # Execution only (left out of the output's config hash): None = the `run` section's value.
+    num_actors: int | None = Field(None, ge=1)
+    actor_cpus: float | None = Field(None, gt=0)
+    actor_gpus: float | None = Field(None, ge=0)  # asked for only when the machine has GPUs
+    threads: int = Field(0, ge=0)  # torch threads per actor; 0 = the machine's cores split over the actors
 
 
 class FacesConfig(_Strict):

@@ -119,6 +119,20 @@ class BundleConfig(_Strict):
     test_identities: int = Field(4000, ge=0)
     seed: int = 42
     write_face_npy: bool = False
+    # WebBody-test eligibility (official rule, exclusive bounds): an identity qualifies when the number of its
+    # images with the lower body visible AND a partial face lies in (min, max), and its image count too.
+    # Small builds lower these.
+    test_min_hard: int = Field(30, ge=-1)
+    test_max_hard: int = Field(70, ge=0)
+    test_min_images: int = Field(30, ge=-1)
+    test_max_images: int = Field(150, ge=0)
+    # Per test identity, this fraction of its "hard" images (at least one) is the query set; the rest gallery.
+    query_fraction: float = Field(0.25, gt=0, lt=1)
+    # Train subsets (index column `subsets`): fractions of the "frequent" identities (top `frequent_fraction`
+    # by image count) and of all training identities, each an independent seeded draw (official recipe).
+    frequent_fraction: float = Field(0.48, gt=0, le=1)
+    frequent_subsets: dict[str, float] = Field(default_factory=lambda: {"12m": 0.70, "4m": 0.25})
+    random_subsets: dict[str, float] = Field(default_factory=lambda: {"4m_random": 0.23})
 
 
 class BuildConfig(_Strict):

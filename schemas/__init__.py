@@ -1,11 +1,14 @@
 """pyarrow schemas and validators for every table and shard record WebBody writes."""
 
 from schemas.base import REGISTRY, SchemaError, TableSchema, get_schema, register
+from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
 from schemas.persons import PERSONS
 from schemas.sample import validate_sample
 from schemas.tables import DOWNLOAD, MANIFEST
 
 __all__ = [
+    "BUNDLE_CENTERS",
+    "BUNDLE_INDEX",
     "DOWNLOAD",
     "MANIFEST",
     "PERSONS",

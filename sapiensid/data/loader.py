@@ -47,7 +47,7 @@ class BatchPlan:
     token, no MRM). Variable masking (``variable=(n_total, n_min, lam)``): the kept count is drawn per step by
     :func:`sapiensid.masking.variable_keep_count` (paper eq. 6) and the batch follows the model's memory rule
     ``keep^2 * batch = keep_tokens^2 * batch_size`` (:func:`sapiensid.masking.keep_count_for_batch` inverted),
-    clipped to ``[1, max_batch_size]``. The trainer scales the learning rate by ``batch / batch_size``.
+    clipped to ``[min_batch_size, max_batch_size]``. The trainer scales the learning rate by ``batch / batch_size``.
     """
 
     batch_size: int
@@ -55,6 +55,7 @@ class BatchPlan:
     variable: tuple[int, int, float] | None = None
     max_batch_size: int | None = None
     seed: int = 0
+    min_batch_size: int = 2  # BatchNorm in the head needs two samples
 
     def for_step(self, step: int) -> tuple[int, int | None]:
         if self.variable is None or self.keep_tokens is None:
@@ -62,7 +63,7 @@ class BatchPlan:
         n_total, n_min, lam = self.variable
         rng = np.random.default_rng((self.seed, 7919, step))
         keep = variable_keep_count(int(n_total), int(n_min), float(lam), rng)
-        batch = max(1, int(round(self.batch_size * (self.keep_tokens / keep) ** 2)))
+        batch = max(self.min_batch_size, int(round(self.batch_size * (self.keep_tokens / keep) ** 2)))
         if self.max_batch_size is not None:
             batch = min(batch, self.max_batch_size)
         return batch, keep

@@ -34,6 +34,8 @@ import numpy as np
 from schemas.sample import KEYPOINT_VISIBLE
 
 LOWER_BODY = range(10, 17)
+OFFICIAL_FREQUENT_SUBSETS = {"12m": 0.70, "4m": 0.25}
+OFFICIAL_RANDOM_SUBSETS = {"4m_random": 0.23}
 FACE_POINTS = range(0, 5)
 
 
@@ -91,7 +93,11 @@ def make_splits(identities: list[str], keys: list[str], hard: list[bool], *, tes
     frequent = sorted(by_count[: int(frequent_fraction * len(train))])
     subsets_of: dict[str, list[str]] = {i: [] for i in train}
     subset_sizes: dict[str, int] = {}
-    for pool, specs in ((frequent, frequent_subsets or {}), (train, random_subsets or {})):
+    if frequent_subsets is None:
+        frequent_subsets = dict(OFFICIAL_FREQUENT_SUBSETS)
+    if random_subsets is None:
+        random_subsets = dict(OFFICIAL_RANDOM_SUBSETS)
+    for pool, specs in ((frequent, frequent_subsets), (train, random_subsets)):
         for name in sorted(specs):
             n = int(specs[name] * len(pool))
             chosen = rng.choice(len(pool), size=n, replace=False) if n else []

@@ -55,7 +55,9 @@ class ShardWriter:
             ti = _info(f"{key}.{ext}", len(data))
             header_at = self._tf.offset
             self._tf.addfile(ti, io.BytesIO(data))
-            out.append(Member(ti.name, header_at, ti.offset_data, len(data), hashlib.sha256(data).hexdigest()))
+            # addfile works on a copy of `ti`; the data is the last ceil(size/512) blocks written.
+            data_at = self._tf.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            out.append(Member(ti.name, header_at, data_at, len(data), hashlib.sha256(data).hexdigest()))
         return out
 
     @property

@@ -1,0 +1,213 @@
+"""`webbody verify DIR`: every shard of a bundle against its index, its stats and the sample schema.
+
+Checks, each reported with the shard, the key and the member it concerns:
+- the files: index.parquet (schema), stats.json, exactly the shards stats.json lists (none missing, none
+  stray), each with the size and sha256 it lists;
+- every tar parses to the end; a sample's members are contiguous and exactly those the index lists
+  (`.jpg`, `.json`, `.face.npy` when indexed), at the indexed data offsets and sizes, with the indexed sha256;
+- the image decodes to image_size x image_size; the record parses, passes `schemas.sample.validate_sample`
+  (keypoint count, visibility in [0, 1], visible points inside the frame, boxes ordered), names the same
+  key/label/split/identity as the index, and its keypoint visibility matches the index's mask;
+- counts: samples per shard and per split, and the total, as stats.json says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.bundle.render import visible_mask
+from pipeline.bundle.tarpack import iter_members, split_member_name
+from pipeline.shards import file_sha256
+from schemas.base import SchemaError
+from schemas.bundle import BUNDLE_INDEX
+from schemas.sample import validate_sample
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def _load(root: Path) -> tuple[list[Problem], dict | None, list[dict] | None]:
+    problems: list[Problem] = []
+    stats = index = None
+    if not root.is_dir():
+        return [Problem(str(root), "not a directory")], None, None
+    try:
+        stats = json.loads((root / "stats.json").read_text())
+    except FileNotFoundError:
+        problems.append(Problem("stats.json", "missing"))
+    except ValueError as exc:
+        problems.append(Problem("stats.json", f"not valid JSON ({exc})"))
+    try:
+        index = BUNDLE_INDEX.validate(pq.read_table(root / "index.parquet"), "index.parquet").to_pylist()
+    except FileNotFoundError:
+        problems.append(Problem("index.parquet", "missing"))
+    except (SchemaError, OSError, ValueError) as exc:
+        problems.append(Problem("index.parquet", f"unreadable or wrong schema ({exc})"))
+    return problems, stats, index
+
+
+def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]:
+    """Every problem found (empty list: the bundle is intact)."""
+    root = Path(root)
+    problems, stats, index = _load(root)
+    if stats is None or index is None:
+        return problems
+    size = int(stats.get("image_size", 384))
+    listed: dict[str, dict] = stats.get("shards", {})
+    on_disk = {p.name for p in root.glob("webbody-*.tar")}
+    for name in sorted(on_disk - set(listed)):
+        problems.append(Problem(name, "shard on disk but not in stats.json (stray or renamed file)"))
+    for name in sorted(set(listed) - on_disk):
+        problems.append(Problem(name, "shard listed in stats.json is missing"))
+    keys = Counter(r["key"] for r in index)
+    for key, n in keys.items():
+        if n > 1:
+            problems.append(Problem("index.parquet", f"key {key} appears {n} times"))
+    rows_by_shard: dict[str, list[dict]] = {}
+    for r in index:
+        rows_by_shard.setdefault(r["shard"], []).append(r)
+    for shard in sorted(set(rows_by_shard) - set(listed)):
+        problems.append(Problem("index.parquet", f"rows point at shard {shard}, which stats.json does not list"))
+    for shard in sorted(set(listed) & on_disk):
+        problems += verify_shard(root / shard, sorted(rows_by_shard.get(shard, []), key=lambda r: r["position"]),
+                                 listed[shard], size, decode_images)
+    if stats.get("rows_out") != len(index):
+        problems.append(Problem("stats.json", f"rows_out {stats.get('rows_out')} but the index has {len(index)} rows"))
+    for split, info in (stats.get("splits") or {}).items():
+        n = sum(1 for r in index if r["split"] == split)
+        if info.get("samples") != n:
+            problems.append(Problem("stats.json", f"split {split}: {info.get('samples')} samples listed, index has {n}"))
+    return problems
+
+
+def verify_shard(path: Path, rows: list[dict], listed: dict, size: int, decode_images: bool = True) -> list[Problem]:
+    shard = path.name
+    problems: list[Problem] = []
+    actual_bytes = path.stat().st_size
+    if actual_bytes != listed.get("bytes"):
+        problems.append(Problem(shard, f"size {actual_bytes} bytes, stats.json says {listed.get('bytes')} (truncated "
+                                       "or appended)"))
+    by_key = {r["key"]: r for r in rows}
+    seen: list[str] = []
+    members: dict[str, dict[str, tuple[tarfile.TarInfo, bytes]]] = {}
+    try:
+        for ti, data in iter_members(path):
+            key, ext = split_member_name(ti.name)
+            if not seen or seen[-1] != key:
+                if key in members:
+                    problems.append(Problem(shard, f"{key}: members not contiguous ({ti.name} after another key)"))
+                seen.append(key)
+            members.setdefault(key, {})[ext] = (ti, data)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        where = f"after member {seen[-1]}" if seen else "at the start"
+        problems.append(Problem(shard, f"tar unreadable {where}: {exc}"))
+    for key in seen:
+        if key not in by_key:
+            problems.append(Problem(shard, f"{key}: in the tar but not in the index"))
+    for r in rows:
+        got = members.get(r["key"])
+        if got is None:
+            problems.append(Problem(shard, f"{r['key']}: in the index but missing from the tar"))
+            continue
+        problems += _check_sample(shard, r, got, size, decode_images)
+    if listed.get("samples") != len(rows):
+        problems.append(Problem(shard, f"stats.json lists {listed.get('samples')} samples, index has {len(rows)}"))
+    if len(seen) != len(rows) and not any("tar unreadable" in p.message for p in problems):
+        problems.append(Problem(shard, f"tar holds {len(seen)} samples, index has {len(rows)}"))
+    if not problems and file_sha256(path) != listed.get("sha256"):
+        problems.append(Problem(shard, "sha256 differs from stats.json although every member matches: a tar header "
+                                       "or padding byte changed"))
+    return problems
+
+
+def _check_sample(shard: str, r: dict, got: dict, size: int, decode_images: bool) -> list[Problem]:
+    key = r["key"]
+    out: list[Problem] = []
+    expected = {"jpg": ("jpg_offset", "jpg_size", "sha256"), "json": ("json_offset", "json_size", "json_sha256")}
+    if r["npy_offset"] is not None:
+        expected["face.npy"] = ("npy_offset", "npy_size", "npy_sha256")
+    for ext in sorted(set(got) - set(expected)):
+        out.append(Problem(shard, f"{key}.{ext}: member not in the index"))
+    for ext, (off_col, size_col, sha_col) in expected.items():
+        if ext not in got:
+            out.append(Problem(shard, f"{key}.{ext}: member missing"))
+            continue
+        ti, data = got[ext]
+        if ti.offset_data != r[off_col] or ti.size != r[size_col]:
+            out.append(Problem(shard, f"{key}.{ext}: at offset {ti.offset_data} size {ti.size}, index says "
+                                      f"{r[off_col]} size {r[size_col]}"))
+        if hashlib.sha256(data).hexdigest() != r[sha_col]:
+            out.append(Problem(shard, f"{key}.{ext}: sha256 mismatch (content changed)"))
+    if "jpg" in got and decode_images:
+        img = cv2.imdecode(np.frombuffer(got["jpg"][1], np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            out.append(Problem(shard, f"{key}.jpg: does not decode"))
+        elif img.shape[:2] != (size, size):
+            out.append(Problem(shard, f"{key}.jpg: {img.shape[1]}x{img.shape[0]}, expected {size}x{size}"))
+    if "json" in got:
+        out += _check_record(shard, r, got["json"][1], size)
+    if "face.npy" in got:
+        try:
+            arr = np.load(io.BytesIO(got["face.npy"][1]), allow_pickle=False)
+            if arr.ndim != 1 or not np.all(np.isfinite(arr)):
+                out.append(Problem(shard, f"{key}.face.npy: not a finite 1-D feature"))
+        except ValueError as exc:
+            out.append(Problem(shard, f"{key}.face.npy: does not load ({exc})"))
+    return out
+
+
+def _check_record(shard: str, r: dict, data: bytes, size: int) -> list[Problem]:
+    key = r["key"]
+    try:
+        meta = json.loads(data)
+        validate_sample(meta, where=key)
+    except (ValueError, SchemaError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return [Problem(shard, f"{key}.json: {exc}")]
+    out = []
+    for field in ("key", "label", "split", "identity"):
+        if meta[field] != r[field]:
+            out.append(Problem(shard, f"{key}.json: {field} {meta[field]!r}, index says {r[field]!r}"))
+    for i, (x, y, _) in enumerate(meta["keypoints"]):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            out.append(Problem(shard, f"{key}.json: keypoint {i} is not finite"))
+    if visible_mask(meta["keypoints"]) != r["kp_visible"]:
+        out.append(Problem(shard, f"{key}.json: keypoint visibility differs from the index"))
+    for box_field in ("content_box", "face_box"):
+        box = meta.get(box_field)
+        if box is not None and not all(-1.0 <= v <= size + 1.0 for v in box):
+            out.append(Problem(shard, f"{key}.json: {box_field} {box} outside the {size} frame"))
+    return out
+
+
+def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> int:
+    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise."""
+    problems = verify_bundle(root)
+    if problems:
+        for p in problems[:max_lines]:
+            print(f"CORRUPT {p}", file=sys.stderr)
+        if len(problems) > max_lines:
+            print(f"... and {len(problems) - max_lines} more", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {root}", file=sys.stderr)
+        return 1
+    if not quiet:
+        stats = json.loads((Path(root) / "stats.json").read_text())
+        print(f"ok: {len(stats['shards'])} shards, {stats['rows_out']} samples verified in {root}")
+    return 0

@@ -1,0 +1,206 @@
+"""The bundle stage: shard layout, record contents, determinism, resume, splits."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import defaultdict
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.bundle import run
+from pipeline.bundle.render import letterbox_geometry
+from pipeline.bundle.splits import is_hard, make_splits
+from pipeline.bundle.verify import verify_bundle
+from pipeline.shards import DatasetDir
+from pipeline.stage import StageError
+from schemas.sample import validate_sample
+from tests.bundle_support import make_build, small_config
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    inputs = make_build(root)
+    stats = run(small_config(), inputs, root / "bundle")
+    return root, inputs, stats
+
+
+def _index(root):
+    return pq.read_table(root / "bundle" / "index.parquet").to_pylist()
+
+
+def test_layout_counts_and_verify(built):
+    root, _, stats = built
+    out = root / "bundle"
+    tars = sorted(p.name for p in out.glob("*.tar"))
+    assert tars == sorted(stats["shards"])
+    assert all(re.fullmatch(r"webbody-(train|test)-\d{6}\.tar", t) for t in tars)
+    # 8 identities x 6 kept images; the 3 clean-dropped rows never reach the bundle
+    assert stats["rows_in"] == stats["rows_out"] == 48
+    assert stats["splits"]["test"]["identities"] == 2 and stats["splits"]["train"]["identities"] == 6
+    assert max(s["samples"] for s in stats["shards"].values()) <= 10
+    assert verify_bundle(out) == []
+
+
+def test_members_contiguous_and_index_offsets(built):
+    root, _, _ = built
+    out = root / "bundle"
+    rows = {r["key"]: r for r in _index(root)}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            names = [m.name for m in tf.getmembers()]
+            for m in tf.getmembers():
+                assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o444
+        keys = [n.split(".", 1)[0] for n in names]
+        groups = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+        assert len(groups) == len(set(groups)), "a sample's members must be contiguous"
+        assert {n.split(".", 1)[1] for n in names} == {"jpg", "json", "face.npy"}
+        blob = tar.read_bytes()
+        for k in groups:
+            r = rows[k]
+            jpg = blob[r["jpg_offset"]: r["jpg_offset"] + r["jpg_size"]]
+            assert jpg[:2] == b"\xff\xd8"
+            meta = json.loads(blob[r["json_offset"]: r["json_offset"] + r["json_size"]])
+            assert meta["key"] == k and meta["label"] == r["label"] and meta["split"] == r["split"]
+
+
+def test_record_geometry_matches_source(built):
+    root, inputs, _ = built
+    persons = {r["person_id"]: r for _, t in DatasetDir(inputs["persons"]).iter_tables() for r in t.to_pylist()}
+    faces = {r["person_id"]: r for _, t in DatasetDir(inputs["faces"]).iter_tables() for r in t.to_pylist()}
+    out = root / "bundle"
+    r = _index(root)[0]
+    blob = (out / r["shard"]).read_bytes()
+    meta = validate_sample(json.loads(blob[r["json_offset"]: r["json_offset"] + r["json_size"]]))
+    img = cv2.imdecode(np.frombuffer(blob[r["jpg_offset"]: r["jpg_offset"] + r["jpg_size"]], np.uint8), 1)
+    assert img.shape == (384, 384, 3)
+    p, f = persons[r["person_id"]], faces[r["person_id"]]
+    geo = letterbox_geometry(p["crop_width"], p["crop_height"], 384)
+    assert meta["content_box"] == [geo.left, geo.top, geo.left + geo.new_w, geo.top + geo.new_h]
+    # long side 384, centred, white padding
+    assert max(geo.new_w, geo.new_h) == 384 and abs((384 - geo.new_w) - 2 * geo.left) <= 1
+    if geo.left > 2:
+        assert img[:, : geo.left - 1].min() >= 250
+    for i in range(17):
+        x, y, c = p["keypoints_crop"][3 * i: 3 * i + 3]
+        assert meta["keypoints"][i][0] == pytest.approx(x * geo.scale + geo.left, abs=1e-3)
+        assert meta["keypoints"][i][1] == pytest.approx(y * geo.scale + geo.top, abs=1e-3)
+        assert meta["keypoints"][i][2] == pytest.approx(c, abs=1e-3)
+    assert meta["face_box"][0] == pytest.approx(f["face_box"][0] * geo.scale + geo.left, abs=1e-3)
+    assert meta["face_landmarks"][2][1] == pytest.approx(f["face_landmarks"][5] * geo.scale + geo.top, abs=1e-3)
+    assert meta["url"] == p["url"] and meta["image_sha256"] == p["image_sha256"]
+    assert meta["body_box"] == pytest.approx(list(p["box"]))
+    assert meta["pipeline_version"] and len(meta["config_hash"]) == 16
+    npy = np.load(io.BytesIO(blob[r["npy_offset"]: r["npy_offset"] + r["npy_size"]]))
+    assert npy.dtype == np.float16 and np.array_equal(npy, np.frombuffer(f["feature"], "<f2"))
+
+
+def test_deterministic_bytes_and_resume(built, tmp_path):
+    root, inputs, _ = built
+    other = tmp_path / "again"
+    run(small_config(), inputs, other)
+    for name in ["index.parquet", "centers.parquet", *sorted(p.name for p in (root / "bundle").glob("*.tar"))]:
+        assert (other / name).read_bytes() == (root / "bundle" / name).read_bytes(), name
+    # a shard killed before its marker is redone, the others are kept as they are
+    victim = sorted(other.glob("webbody-train-*.tar"))[1]
+    (other / "_parts" / f"{victim.name}.json").unlink()
+    keep = sorted(other.glob("webbody-test-*.tar"))[0]
+    before = keep.stat().st_mtime_ns
+    victim.write_bytes(b"half a shard")
+    run(small_config(), inputs, other)
+    assert victim.read_bytes() == (root / "bundle" / victim.name).read_bytes()
+    assert keep.stat().st_mtime_ns == before
+    assert verify_bundle(other) == []
+
+
+def test_other_config_is_refused(built, tmp_path):
+    _, inputs, _ = built
+    run(small_config(), inputs, tmp_path / "b")
+    with pytest.raises(StageError, match="another selection or config"):
+        run(small_config(jpeg_quality=80), inputs, tmp_path / "b")
+    run(small_config(jpeg_quality=80), inputs, tmp_path / "b", overwrite=True)
+    assert verify_bundle(tmp_path / "b") == []
+
+
+def test_splits_disjoint_labels_contiguous(built):
+    root, _, stats = built
+    rows = _index(root)
+    ids = defaultdict(set)
+    for r in rows:
+        ids[r["split"]].add(r["identity"])
+    assert ids["train"].isdisjoint(ids["test"]) and len(ids["test"]) == 2
+    for split in ("train", "test"):
+        labels = {r["identity"]: r["label"] for r in rows if r["split"] == split}
+        assert sorted(labels.values()) == list(range(len(labels)))
+    roles = defaultdict(set)
+    for r in rows:
+        if r["split"] == "test":
+            roles[r["identity"]].add(r["role"])
+        else:
+            assert r["role"] is None
+    assert all(v == {"query", "gallery"} for v in roles.values())
+    assert stats["split_plan"]["queries"] == sum(r["role"] == "query" for r in rows)
+
+
+def _synthetic(n_ids: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    idents, keys, hard = [], [], []
+    for i in range(n_ids):
+        n = int(rng.integers(20, 160))
+        n_hard = int(rng.integers(0, n + 1))
+        for j in range(n):
+            idents.append(f"id{i:05d}")
+            keys.append(f"k{i:05d}_{j:04d}")
+            hard.append(j < n_hard)
+    return idents, keys, hard
+
+
+def test_official_split_rule_reproducible_and_disjoint():
+    idents, keys, hard = _synthetic(400)
+    a = make_splits(idents, keys, hard, test_identities=30, seed=42)
+    b = make_splits(idents, keys, hard, test_identities=30, seed=42)
+    c = make_splits(idents, keys, hard, test_identities=30, seed=7)
+    assert a.split_of == b.split_of and a.role_of == b.role_of and a.subsets_of == b.subsets_of
+    assert a.split_of != c.split_of
+    test = {i for i, s in a.split_of.items() if s == "test"}
+    assert len(test) == 30
+    counts, hards = defaultdict(int), defaultdict(int)
+    for i, h in zip(idents, hard):
+        counts[i] += 1
+        hards[i] += h
+    for i in test:  # the official eligibility: 30 < #hard < 70 and 30 < #images < 150
+        assert 30 < hards[i] < 70 and 30 < counts[i] < 150
+    for k, role in a.role_of.items():
+        assert a.split_of[idents[keys.index(k)]] == "test"
+        if role == "query":
+            assert hard[keys.index(k)]
+    # train subsets: frequent = top 48 % by count; 12m / 4m from it, 4m_random from all training ids
+    train = [i for i, s in a.split_of.items() if s == "train"]
+    freq = set(sorted(train, key=lambda i: (-counts[i], i))[: int(0.48 * len(train))])
+    in12 = {i for i in train if "12m" in a.subsets_of[i]}
+    in4 = {i for i in train if "4m" in a.subsets_of[i]}
+    assert in12 <= freq and in4 <= freq and len(in12) == int(0.7 * len(freq)) and len(in4) == int(0.25 * len(freq))
+    assert sum("4m_random" in a.subsets_of[i] for i in train) == int(0.23 * len(train))
+    assert all(a.subsets_of.get(i) is None for i in test)
+
+
+def test_split_shortfall_is_reported():
+    idents, keys, hard = _synthetic(50)
+    plan = make_splits(idents, keys, hard, test_identities=4000, seed=42)
+    assert plan.stats["identities"]["test"] == plan.stats["test_identities_eligible"] < 4000
+    assert plan.stats["test_identities_short"] == 4000 - plan.stats["test_identities_eligible"]
+
+
+def test_hard_rule():
+    conf = [0.9] * 17
+    assert not is_hard(conf)  # whole face visible
+    conf[3] = 0.1
+    assert is_hard(conf)  # partial face, lower body visible
+    conf[10:17] = [0.1] * 7
+    assert not is_hard(conf)  # lower body hidden

@@ -2,6 +2,7 @@
 
 from schemas.base import REGISTRY, SchemaError, TableSchema, get_schema, register
 from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
+from schemas.faces import FACES
 from schemas.persons import PERSONS
 from schemas.sample import validate_sample
 from schemas.tables import DOWNLOAD, MANIFEST
@@ -10,6 +11,7 @@ __all__ = [
     "BUNDLE_CENTERS",
     "BUNDLE_INDEX",
     "DOWNLOAD",
+    "FACES",
     "MANIFEST",
     "PERSONS",
     "REGISTRY",

@@ -1,0 +1,220 @@
+"""Face embedders behind one small interface, each with its own similarity thresholds.
+
+An embedder turns aligned faces into raw (not normalised) float32 features:
+- "kprpe": CVLface ViT + KP-RPE (the paper's): aligned 112 RGB in [-1, 1] plus the 5 landmarks in [0, 1].
+- "arcface": an insightface ArcFace ONNX (e.g. `w600k_r50.onnx`) through `insightface.model_zoo.get_model`,
+  fed BGR 112 crops exactly as insightface does ((x - 127.5) / 127.5, channels swapped to RGB in the blob).
+- "dlib": dlib's CC0 ResNet: its own 5-point shape predictor inside the detected box, a 150 px face chip
+  (padding 0.25), a 128-d descriptor. Runs anywhere on CPU, fully offline (the demo's embedder).
+
+`DEFAULT_THRESHOLDS[embedder]` are cosine similarities of L2-normalised features (the clean stage normalises
+before comparing), with field names of `pipeline.config.EmbedderThresholds`; `dbscan_eps` is a cosine
+*distance* 1 - clip(cos, 0, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.stage import StageError
+
+# The paper's cosine thresholds (official-reference 1f/1g) for the 512-d ArcFace-style embedders.
+_COSINE_PAPER = {"dbscan_eps": 0.7, "dbscan_min_samples": 2, "merge": 0.7, "ambiguous": 0.6,
+                 "val_overlap": 0.7, "duplicate": 0.9}
+
+# dlib's descriptors live on another scale: same person when L2 < 0.6 (dlib's documented rule), and they are not
+# unit-norm (measured norms 1.23-1.60) and share a large common component, so different people already have high
+# cosines. Measured with RetinaFace-mnet0.25 boxes on the asset photos (41 faces, tests/test_faces_models.py,
+# docs/benchmarks.md): Obama-Obama cos 0.949-0.974 (L2 0.32-0.44); Obama vs everyone else cos <= 0.878 (L2 >= 0.68);
+# different people in colour photos cos <= 0.903 (L2 >= 0.64); pairs at L2 0.55-0.65 have cos 0.875-0.925, median
+# 0.901. Caveat: small grey faces (the 1927 Solvay photo) collapse together (median L2 0.60 between different
+# people): dlib is a CPU/offline fallback, not the paper's embedder.
+# So: DBSCAN links at cos >= 0.90 (~L2 0.6, eps 0.10), merge and val overlap at 0.92, ambiguous from 0.90,
+# duplicate images at 0.99.
+_DLIB = {"dbscan_eps": 0.10, "dbscan_min_samples": 2, "merge": 0.92, "ambiguous": 0.90,
+         "val_overlap": 0.92, "duplicate": 0.99}
+
+DEFAULT_THRESHOLDS: dict[str, dict[str, float | int]] = {
+    "kprpe": dict(_COSINE_PAPER),
+    "arcface": dict(_COSINE_PAPER),
+    "dlib": dict(_DLIB),
+}
+
+# Known weight names resolved through `pipeline.weights.resolve_weights` when `faces.embedder_model` is unset.
+DEFAULT_MODELS = {
+    "kprpe": "cvlface_adaface_vit_base_kprpe_webface12m.pt",
+    "arcface": "w600k_r50.onnx",
+    "dlib": "dlib_face_recognition_resnet_model_v1.dat",
+}
+
+
+@dataclass
+class FaceCrop:
+    """One detected face, in the forms the embedders need."""
+
+    aligned: np.ndarray  # (112, 112, 3) uint8 RGB, ArcFace-template aligned
+    landmarks: np.ndarray  # (5, 2) float, the detected landmarks mapped into `aligned` px
+    image: np.ndarray  # (H, W, 3) uint8 RGB the face was detected in (dlib aligns from it itself)
+    box: np.ndarray  # (4,) x1, y1, x2, y2 of the face in `image` px
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, faces: list[FaceCrop]) -> np.ndarray:
+        """(N, dim) float32 raw features, one row per face, independent of how faces are batched."""
+        ...
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"faces.device is {device!r} but torch sees no GPU: use 'auto' or 'cpu'")
+    return device
+
+
+class KPRPEEmbedder:
+    """CVLface ViT KP-RPE face model (sapiensid.kprpe_face)."""
+
+    name = "kprpe"
+
+    def __init__(self, weights: Path | None, size: str = "base", device: str = "auto",
+                 num_threads: int | None = None):
+        import torch
+
+        from sapiensid.kprpe_face import (
+            CheckpointMismatchError,
+            build_kprpe_face_vit,
+            load_kprpe_face_weights,
+        )
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = _torch_device(device)
+        if weights is None:
+            # Random weights: only for tests and benchmarks of the code path, never a real build.
+            torch.manual_seed(0)
+        self.model = build_kprpe_face_vit(size)
+        if weights is not None:
+            try:
+                load_kprpe_face_weights(self.model, weights)
+            except CheckpointMismatchError as exc:
+                raise StageError(f"KP-RPE weights {weights} do not fit the '{size}' model: {exc}") from exc
+        self.model.eval().to(self.device)
+        self.dim = int(self.model.output_dim)
+
+    def embed(self, faces: list[FaceCrop]) -> np.ndarray:
+        import torch
+
+        if not faces:
+            return np.zeros((0, self.dim), np.float32)
+        x = np.stack([f.aligned for f in faces]).astype(np.float32)
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
+        kps = torch.from_numpy(np.stack([f.landmarks for f in faces]).astype(np.float32) / 112.0)
+        with torch.inference_mode():
+            out = self.model(x.to(self.device), kps.to(self.device))
+        return out.float().cpu().numpy()
+
+
+class ArcFaceEmbedder:
+    """An insightface ArcFace ONNX recognition model, loaded by insightface's model zoo."""
+
+    name = "arcface"
+
+    def __init__(self, weights: Path, device: str = "auto", num_threads: int | None = None):
+        import onnxruntime as ort
+        from insightface.model_zoo import get_model
+        from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+        providers = onnx_providers(device)
+        opts = None
+        if num_threads:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = num_threads
+            opts.inter_op_num_threads = 1
+        try:
+            model = get_model(str(weights), providers=providers, sess_options=opts)
+        except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime/insightface raise many types
+            raise StageError(f"ArcFace model {weights} could not be loaded: {exc}") from exc
+        if not isinstance(model, ArcFaceONNX):
+            raise StageError(
+                f"{weights} is not an ArcFace recognition model for insightface (routed to "
+                f"{type(model).__name__}): it needs one square NCHW input >= 112 px and one output"
+            )
+        if tuple(model.input_size) != (112, 112):
+            raise StageError(f"ArcFace model {weights} takes {model.input_size} input, the stage aligns to 112")
+        self.model = model
+        self.dim = int(model.output_shape[-1])
+
+    def embed(self, faces: list[FaceCrop]) -> np.ndarray:
+        if not faces:
+            return np.zeros((0, self.dim), np.float32)
+        bgr = [np.ascontiguousarray(f.aligned[:, :, ::-1]) for f in faces]
+        return np.asarray(self.model.get_feat(bgr), dtype=np.float32).reshape(len(faces), -1)
+
+
+class DlibEmbedder:
+    """dlib ResNet v1 (128-d) with dlib's own 5-point alignment inside the detected box."""
+
+    name = "dlib"
+    dim = 128
+
+    def __init__(self, weights: Path, shape_predictor: Path):
+        import dlib
+
+        try:
+            self.predictor = dlib.shape_predictor(str(shape_predictor))
+            self.model = dlib.face_recognition_model_v1(str(weights))
+        except RuntimeError as exc:
+            raise StageError(f"dlib model files {weights} / {shape_predictor} could not be loaded: {exc}") from exc
+        self._dlib = dlib
+
+    def chip(self, face: FaceCrop) -> np.ndarray:
+        dlib = self._dlib
+        x1, y1, x2, y2 = (int(round(float(v))) for v in face.box)
+        img = np.ascontiguousarray(face.image, dtype=np.uint8)
+        shape = self.predictor(img, dlib.rectangle(x1, y1, x2, y2))
+        return dlib.get_face_chip(img, shape, size=150, padding=0.25)
+
+    def embed(self, faces: list[FaceCrop]) -> np.ndarray:
+        if not faces:
+            return np.zeros((0, self.dim), np.float32)
+        chips = [self.chip(f) for f in faces]
+        return np.asarray(self.model.compute_face_descriptor(chips), dtype=np.float32).reshape(len(faces), -1)
+
+
+def onnx_providers(device: str) -> list[str]:
+    """CUDA for onnxruntime when asked for (or 'auto') and available, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wants_gpu = device == "auto" or device.startswith("cuda")
+    if wants_gpu and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        raise StageError(f"faces.device is {device!r} but onnxruntime has no CUDA provider: use 'auto' or 'cpu'")
+    return ["CPUExecutionProvider"]
+
+
+def build_embedder(kind: str, weights: Path | None, *, shape_predictor: Path | None = None,
+                   kprpe_size: str = "base", device: str = "auto", num_threads: int | None = None) -> Embedder:
+    """Construct the configured embedder; weights are already resolved local paths."""
+    if kind == "kprpe":
+        return KPRPEEmbedder(weights, size=kprpe_size, device=device, num_threads=num_threads)
+    if kind == "arcface":
+        if weights is None:
+            raise StageError("the arcface embedder needs an ONNX path in faces.embedder_model")
+        return ArcFaceEmbedder(weights, device=device, num_threads=num_threads)
+    if kind == "dlib":
+        if weights is None or shape_predictor is None:
+            raise StageError("the dlib embedder needs its ResNet .dat and its 5-point shape predictor .dat")
+        return DlibEmbedder(weights, shape_predictor)
+    raise StageError(f"unknown face embedder '{kind}': choose kprpe, arcface or dlib")

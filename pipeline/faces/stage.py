@@ -1,0 +1,216 @@
+"""The faces stage: body crops (persons table) -> best face box, 5 landmarks, score and a face feature.
+
+Per person row, as in the official step d/e (official-reference 1d, 1e):
+1. decode the body crop; pre-crop the upper body from the 17 keypoints (official rule and fall-backs);
+2. pad it to a square with black, resize to the detector input (160 by default), detect; keep the single best
+   face whatever its score (the score is stored; cleaning filters it);
+3. official minimum size: 2 * max(face w, h) in pre-crop pixels >= `min_face_size` (16), else `face_too_small`;
+4. similarity-align the 5 landmarks to the ArcFace 112 template (skimage), warp, embed (batched per call);
+5. store box and landmarks in body-crop pixels, the raw feature as float16 with its float32 norm.
+Drops: decode_error, bad_keypoints, no_face, face_too_small, align_failed, embed_failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import FacesConfig
+from pipeline.faces.align import (
+    AlignError,
+    pad_to_square,
+    similarity_to_template,
+    transform_points,
+    upper_body_box,
+    warp_face,
+)
+from pipeline.faces.detectors import DEFAULT_DETECTORS, FaceDetector
+from pipeline.faces.embedders import DEFAULT_MODELS, Embedder, FaceCrop, build_embedder, onnx_providers
+from pipeline.stage import BatchResult, ShardStage, StageError
+from pipeline.weights import resolve_weights
+from schemas.faces import FACES
+
+log = logging.getLogger(__name__)
+
+# Columns of the persons table this stage reads (its schema module may carry more).
+INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
+
+
+def _persons_schema():
+    try:
+        from schemas.persons import PERSONS
+    except ImportError:  # the persons schema lands separately; the column check in process() still applies
+        return None
+    return PERSONS
+
+
+@dataclass
+class _Prepared:
+    """One input row after decoding and pre-cropping, waiting for detection."""
+
+    row: dict
+    image: np.ndarray  # body crop, RGB uint8
+    square: np.ndarray  # upper-body pre-crop padded to a square, RGB uint8
+    offset: np.ndarray  # (2,) body-crop px of the square's (0, 0)
+
+
+class FacesStage(ShardStage):
+    name: ClassVar[str] = "faces"
+    input_schema = _persons_schema()
+    output_schema = FACES
+    sort_keys = ("person_id",)
+    uses_model = True
+
+    def __init__(self, config: FacesConfig | None = None):
+        super().__init__(config or FacesConfig())
+        self.detector: FaceDetector | None = None
+        self.embedder: Embedder | None = None
+
+    # -- models ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg: FacesConfig = self.config
+        det_path = resolve_weights(cfg.detector_model or DEFAULT_DETECTORS[cfg.detector], f"{cfg.detector} detector")
+        self.detector = FaceDetector(det_path, layout=cfg.detector_layout, input_size=cfg.detector_input,
+                                     nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
+                                     num_threads=cfg.num_threads)
+        if cfg.detector == "scrfd" and self.detector.layout != "insightface":
+            raise StageError(f"{det_path} has the {self.detector.layout} layout; SCRFD models use insightface's")
+        self.embedder = build_embedder(cfg.embedder, self._embedder_weights(), shape_predictor=self._predictor(),
+                                       kprpe_size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads)
+
+    def _embedder_weights(self) -> Path | None:
+        cfg: FacesConfig = self.config
+        name = cfg.embedder_model or DEFAULT_MODELS[cfg.embedder]
+        if name == "random":
+            if cfg.embedder != "kprpe":
+                raise StageError("faces.embedder_model 'random' is only for the kprpe embedder (tests, benchmarks)")
+            log.warning("faces: KP-RPE with RANDOM weights: features are meaningless (tests/benchmarks only)")
+            return None
+        return resolve_weights(name, f"{cfg.embedder} face embedder")
+
+    def _predictor(self) -> Path | None:
+        cfg: FacesConfig = self.config
+        if cfg.embedder != "dlib":
+            return None
+        return resolve_weights(cfg.dlib_shape_predictor, "dlib 5-point shape predictor")
+
+    # -- per batch --------------------------------------------------------------------------------------
+    def process(self, batch: pa.Table) -> BatchResult:
+        missing = [c for c in INPUT_COLUMNS if c not in batch.column_names]
+        if missing:
+            raise StageError(f"faces: input lacks column(s) {missing}: point --input at the persons stage output")
+        if self.detector is None or self.embedder is None:
+            self.ensure_setup()
+        cfg: FacesConfig = self.config
+        drops: Counter = Counter()
+        prepared: list[_Prepared] = []
+        for row in batch.select(list(INPUT_COLUMNS)).to_pylist():
+            item = self._prepare(row, drops)
+            if item is not None:
+                prepared.append(item)
+        detections = self.detector.detect_batch([p.square for p in prepared], max_faces=1,
+                                                score_threshold=cfg.min_detector_score)
+        faces: list[FaceCrop] = []
+        records: list[dict] = []
+        for item, dets in zip(prepared, detections):
+            if not dets:
+                drops["no_face"] += 1
+                continue
+            det = dets[0]
+            size = float(np.max(det.box[2:] - det.box[:2]))
+            # Official: int(2 * max side) of the box in pre-crop px (the square is at body-crop scale) >= 16.
+            if int(2 * size) < cfg.min_face_size:
+                drops["face_too_small"] += 1
+                continue
+            try:
+                matrix = similarity_to_template(det.landmarks)
+            except AlignError as exc:
+                log.debug("faces: %s align failed: %s", item.row["person_id"], exc)
+                drops["align_failed"] += 1
+                continue
+            aligned = warp_face(item.square, matrix)
+            box = det.box.reshape(2, 2) + item.offset
+            faces.append(FaceCrop(aligned, transform_points(det.landmarks, matrix), item.image, box.reshape(4)))
+            records.append({
+                "person_id": item.row["person_id"], "sample_id": item.row["sample_id"],
+                "detection_index": item.row["detection_index"], "label": item.row["label"],
+                "name": item.row["name"], "face_box": box.reshape(4).tolist(),
+                "face_landmarks": (det.landmarks + item.offset).reshape(10).tolist(),
+                "face_score": det.score, "face_size_px": size,
+            })
+        rows = self._embed(faces, records, drops)
+        return BatchResult(FACES.from_rows(rows), drops)
+
+    def _prepare(self, row: dict, drops: Counter) -> _Prepared | None:
+        cfg: FacesConfig = self.config
+        image = decode_rgb(row["crop"])
+        if image is None:
+            drops["decode_error"] += 1
+            return None
+        kps = row["keypoints_crop"]
+        if kps is None or len(kps) != 51:
+            drops["bad_keypoints"] += 1
+            return None
+        h, w = image.shape[:2]
+        x1, y1, x2, y2 = upper_body_box(np.asarray(kps, np.float64), w, h, cfg.keypoint_conf, cfg.upper_body_margin)
+        square, left, top = pad_to_square(image[y1:y2, x1:x2], value=0)
+        return _Prepared(row, image, square, np.array([x1 - left, y1 - top], np.float32))
+
+    def _embed(self, faces: list[FaceCrop], records: list[dict], drops: Counter) -> list[dict]:
+        if not faces:
+            return []
+        try:
+            feats = self.embedder.embed(faces)
+        except StageError:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the face that breaks the embedder, keep the others
+            log.exception("faces: batch embedding failed, retrying face by face")
+            feats = np.full((len(faces), self.embedder.dim), np.nan, np.float32)
+            for i, face in enumerate(faces):
+                try:
+                    feats[i] = self.embedder.embed([face])[0]
+                except Exception:  # noqa: BLE001
+                    log.exception("faces: %s embedding failed", records[i]["person_id"])
+        out = []
+        for rec, feat in zip(records, feats):
+            feat = np.asarray(feat, np.float32)
+            # Stored as float16: a value beyond its range (65504) would silently become inf.
+            if not np.isfinite(feat.astype(np.float16)).all():
+                drops["embed_failed"] += 1
+                continue
+            rec.update(feature_columns(feat, self.embedder.name))
+            out.append(rec)
+        return out
+
+
+def decode_rgb(data: Any) -> np.ndarray | None:
+    """Encoded image bytes -> RGB uint8 (grey and alpha images become 3-channel), None if undecodable."""
+    if not data:
+        return None
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        return None
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def feature_columns(feature: np.ndarray, embedder: str) -> dict:
+    """Storage form of a raw feature: float16 little-endian bytes, its dimension and float32 norm."""
+    f = np.asarray(feature, np.float32).reshape(-1)
+    return {"feature": f.astype("<f2").tobytes(), "feature_dim": int(f.size),
+            "feature_norm": float(np.linalg.norm(f)), "embedder": embedder}
+
+
+def decode_feature(data: bytes, dim: int) -> np.ndarray:
+    """Inverse of `feature_columns`: float16 bytes -> float32 vector."""
+    arr = np.frombuffer(data, dtype="<f2")
+    if arr.size != dim:
+        raise ValueError(f"feature has {arr.size} values, expected {dim}")
+    return arr.astype(np.float32)

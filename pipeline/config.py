@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -82,48 +82,49 @@ class PersonsConfig(_Strict):
 
 
 class FacesConfig(_Strict):
-    # Detector family: retinaface (biubug6 or insightface output layout) or scrfd (insightface layout only).
     detector: Literal["retinaface", "scrfd"] = "retinaface"
-    # Paper: RetinaFace-R50 (put it in <cache>/weights/ or give a path); offline demo: "retinaface_mnet025.onnx"
-    # or "scrfd_2.5g_kps.onnx" (both ship in registry packages). None = the family's default name.
-    detector_model: str | None = "retinaface_r50.onnx"
-    # Output layout: biubug6 (loc/conf/landmarks) or insightface (score_s/bbox_s/kps_s); auto = from the outputs.
-    detector_layout: Literal["auto", "biubug6", "insightface"] = "auto"
-    detector_input: int = Field(160, ge=32)  # square side the pre-crop is resized to (fixed-size models: theirs)
-    detector_nms: float = Field(0.4, ge=0, le=1)
-    min_detector_score: float = Field(0.0, ge=0, le=1)  # official: best box kept whatever its score; clean filters
+    detector_model: str = "retinaface_r50.onnx"
+    detector_input: int = Field(160, ge=32)
     embedder: Literal["kprpe", "arcface", "dlib"] = "kprpe"
-    # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
-    # weights for tests and benchmarks.
     embedder_model: str | None = None
-    kprpe_size: Literal["base", "tiny"] = "base"
-    dlib_shape_predictor: str = "shape_predictor_5_face_landmarks.dat"
-    keypoint_conf: float = Field(0.5, ge=0, le=1)  # a body keypoint is visible at this YOLO confidence
-    upper_body_margin: float = Field(0.5, ge=0)  # official crop_upper_body_from_body margin
     min_face_size: int = Field(16, ge=1)  # official rule: 2 * face side >= 16 px
     batch_size: int = Field(16, ge=1)
-    device: str = "auto"  # auto = GPU when present (torch/onnxruntime), else CPU
-    num_threads: int | None = Field(None, ge=1)  # per-actor intra-op threads (None = library default)
+    device: str = "cpu"
 
 
 class EmbedderThresholds(_Strict):
-    """Similarities are cosine for kprpe/arcface; dlib's are 1 - L2/2 style scores set in its defaults."""
+    """Clean thresholds of one embedder, all on cosine similarities of L2-normalised features (the clean
+    stage normalises every feature, so one scale serves kprpe, arcface and dlib); `dbscan_eps` is a distance
+    on 1 - clip(cos, 0, 1). Defaults are the official kprpe values."""
 
-    dbscan_eps: float = 0.7
-    dbscan_min_samples: int = 2
-    merge: float = 0.7
-    ambiguous: float = 0.6
-    val_overlap: float = 0.7
-    duplicate: float = 0.9
+    dbscan_eps: float = Field(0.7, gt=0, le=1)
+    dbscan_min_samples: int = Field(2, ge=1)
+    merge: float = Field(0.7, ge=-1, le=1)  # identity centers above this are one identity
+    ambiguous: float = Field(0.6, ge=-1, le=1)  # (ambiguous, merge]: drop the smaller identity
+    val_overlap: float = Field(0.7, ge=-1, le=1)  # identity center vs any validation center
+    duplicate: float = Field(0.9, ge=-1, le=1)  # two images of one identity above this: keep one
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EmbedderThresholds:
+        if self.ambiguous > self.merge:
+            raise ValueError(f"ambiguous ({self.ambiguous}) must not exceed merge ({self.merge})")
+        return self
 
 
 class CleanConfig(_Strict):
+    # Per embedder name (kprpe|arcface|dlib); an embedder missing here uses DEFAULT_THRESHOLDS of
+    # pipeline/faces/embedders.py, then the official kprpe values.
     thresholds: dict[str, EmbedderThresholds] = Field(default_factory=dict)
-    top_k_clusters: int = Field(1, ge=1)
-    face_score: float = Field(0.95, ge=0, le=1)
+    top_k_clusters: int = Field(1, ge=1)  # largest DBSCAN clusters kept per name, each its own identity
+    face_score: float = Field(0.95, ge=0, le=1)  # kept if score > this
     min_images: int = Field(2, ge=1)
     valsets: list[str] = Field(default_factory=list)  # center files from `webbody valsets build`
-    block_size: int = Field(65_536, ge=1)
+    block_size: int = Field(65_536, ge=1)  # query rows per block of every similarity search
+    # Identity centers: "norm" sums raw features (the official rule: higher-norm, higher-quality faces
+    # weigh more); "mean" averages the normalised features.
+    center_weighting: Literal["norm", "mean"] = "norm"
+    # DBSCAN runs on sparse neighbour graphs of many names at once; this bounds the pairs per call.
+    dbscan_pair_budget: int = Field(4_000_000, ge=1)
 
 
 class BundleConfig(_Strict):

@@ -1,0 +1,9 @@
+"""Identity cleaning (global stage): per-name clustering, merging, de-duplication, validation overlap.
+
+`run` is the stage entry point used by `pipeline.registry`; `build_valset_centers` lives in
+`pipeline.valsets`. The steps are small modules: cluster, merge, dedup, overlap, select (their order).
+"""
+
+from pipeline.clean.stage import run
+
+__all__ = ["run"]

@@ -1,0 +1,76 @@
+"""The clean steps in order, on an in-memory state: the pure heart of the stage (no files).
+
+1. per-name DBSCAN, top-k clusters, one detection per photo   4. near-duplicates within an identity
+2. face-score filter                                          5. validation-overlap removal
+3. transitive merge of similar identities, ambiguous rule     6. identities with too few images
+After each step the funnel records the identities and images left.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.clean.cluster import cluster_names
+from pipeline.clean.dedup import drop_near_duplicates
+from pipeline.clean.merge import merge_identities
+from pipeline.clean.overlap import ValSet, remove_val_overlap
+from pipeline.clean.state import CleanState
+from pipeline.config import CleanConfig, EmbedderThresholds
+from pipeline.faces.embedders import DEFAULT_THRESHOLDS
+
+log = logging.getLogger(__name__)
+
+
+def resolve_thresholds(cfg: CleanConfig, embedder: str | None) -> EmbedderThresholds:
+    """Config first, then DEFAULT_THRESHOLDS of the faces embedders, then the official (kprpe) values."""
+    if embedder is None:
+        return EmbedderThresholds()
+    if embedder in cfg.thresholds:
+        return cfg.thresholds[embedder]
+    found = DEFAULT_THRESHOLDS.get(embedder)
+    return EmbedderThresholds.model_validate(found) if found is not None else EmbedderThresholds()
+
+
+def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds,
+                    valsets: list[ValSet]) -> dict:
+    """Run steps 1-6 on `state` in place; returns the funnel and each step's report."""
+    usable = state.kept()
+    funnel = [{"step": "input", "identities": int(len(np.unique(state.label[usable]))),
+               "images": int(usable.sum())}]
+    report: dict = {}
+
+    report["cluster"] = cluster_names(state, thr.dbscan_eps, thr.dbscan_min_samples, cfg.top_k_clusters,
+                                      cfg.dbscan_pair_budget)
+    funnel.append(state.funnel_row("cluster"))
+
+    report["face_score"] = {"dropped": state.drop(~(state.face_score > cfg.face_score), "low_face_score")}
+    funnel.append(state.funnel_row("face_score"))
+
+    report["merge"] = merge_identities(state, thr.merge, thr.ambiguous, cfg.block_size, cfg.center_weighting)
+    funnel.append(state.funnel_row("merge"))
+
+    report["dedup"] = drop_near_duplicates(state, thr.duplicate)
+    funnel.append(state.funnel_row("near_duplicates"))
+
+    report["val_overlap"] = remove_val_overlap(state, valsets, thr.val_overlap, cfg.block_size,
+                                               cfg.center_weighting)
+    funnel.append(state.funnel_row("val_overlap"))
+
+    ids, counts = np.unique(state.ident[state.kept()], return_counts=True)
+    report["min_images"] = {"dropped": state.drop_identities(ids[counts < cfg.min_images], "too_few_images")}
+    funnel.append(state.funnel_row("min_images"))
+
+    for row in funnel:
+        log.info("clean %-16s identities %9d images %10d", row["step"], row["identities"], row["images"])
+    return {"funnel": funnel, "steps": report}
+
+
+def identity_strings(state: CleanState) -> np.ndarray:
+    """Final identity id per row (None when dropped)."""
+    out = np.full(state.n, None, dtype=object)
+    kept = state.kept()
+    names = np.asarray(state.names, dtype=object)
+    out[kept] = names[state.ident[kept]] if len(names) else None
+    return out

@@ -1,0 +1,219 @@
+"""Unit tests of the clean steps on hand-built features: clustering, one detection per photo, face score,
+transitive merge, the ambiguous rule, near-duplicates, validation overlap, too-few-images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.clean.cluster import cluster_names
+from pipeline.clean.dedup import dedup_rows, drop_near_duplicates
+from pipeline.clean.merge import merge_identities
+from pipeline.clean.overlap import ValSet, remove_val_overlap
+from pipeline.clean.select import clean_selection
+from pipeline.clean.state import CleanState, normalise
+from pipeline.clean.synthetic import at_cosine, people, photos
+from pipeline.config import CleanConfig, EmbedderThresholds
+
+DIM = 128
+OFFICIAL = EmbedderThresholds()
+
+
+def make_state(rows: list[tuple[str, str, np.ndarray]], scores: list[float] | None = None) -> CleanState:
+    """rows: (label, photo id, feature). person ids follow row order."""
+    labels = sorted({r[0] for r in rows})
+    photo_ids = {p: k for k, p in enumerate(dict.fromkeys(r[1] for r in rows))}
+    f = np.stack([r[2] for r in rows]).astype(np.float32)
+    return CleanState(
+        feats=normalise(f).astype(np.float16),
+        norms=np.linalg.norm(f, axis=1).astype(np.float32),
+        label=np.array([labels.index(r[0]) for r in rows], dtype=np.int64),
+        labels=labels,
+        photo=np.array([photo_ids[r[1]] for r in rows], dtype=np.int64),
+        face_score=np.array(scores or [0.99] * len(rows), dtype=np.float32),
+        order_key=np.arange(len(rows), dtype=np.int64),
+    )
+
+
+def person_photos(rng, center, n, cos=0.85):
+    """n photos at about `cos` to the person direction (pairwise about cos^2)."""
+    spread = np.sqrt(1 / cos**2 - 1)
+    return photos(rng, np.repeat(center[None], n, axis=0), spread)
+
+
+def cluster(state, top_k=1, budget=1_000_000):
+    return cluster_names(state, OFFICIAL.dbscan_eps, OFFICIAL.dbscan_min_samples, top_k, budget)
+
+
+def test_largest_cluster_kept_noise_and_smaller_clusters_dropped():
+    rng = np.random.default_rng(0)
+    a, b, c, d = people(rng, 4, DIM)
+    feats = list(person_photos(rng, a, 5)) + list(person_photos(rng, b, 3)) + [c, d]
+    state = make_state([("x", f"p{i}", f) for i, f in enumerate(feats)])
+    report = cluster(state)
+    assert report == {"names": 1, "identities": 1, "same_photo": 0}
+    assert state.names == ["x"]
+    assert list(state.ident[:5]) == [0] * 5
+    assert list(state.reason[5:8]) == ["not_largest_cluster"] * 3
+    assert list(state.reason[8:]) == ["dbscan_noise"] * 2
+
+    state2 = make_state([("x", f"p{i}", f) for i, f in enumerate(feats)])
+    cluster(state2, top_k=2)
+    assert state2.names == ["x", "x.c1"]
+    assert list(state2.ident[:8]) == [0] * 5 + [1] * 3
+
+
+def test_cluster_size_counts_photos_not_detections():
+    # A group photo with 3 detections of look-alikes must not outrank two separate photos of the person.
+    rng = np.random.default_rng(1)
+    a, b = people(rng, 2, DIM)
+    group = person_photos(rng, b, 3, cos=0.95)
+    solo = person_photos(rng, a, 2)
+    rows = [("x", "group", f) for f in group] + [("x", f"solo{i}", f) for i, f in enumerate(solo)]
+    state = make_state(rows)
+    cluster(state)
+    assert list(state.ident[3:]) == [0, 0]
+    assert list(state.reason[:3]) == ["not_largest_cluster"] * 3
+
+
+def test_one_detection_per_photo_keeps_the_most_typical():
+    rng = np.random.default_rng(2)
+    a = people(rng, 1, DIM)[0]
+    good = person_photos(rng, a, 4, cos=0.9)
+    poster = at_cosine(rng, a, 0.5)  # a second, less typical detection in photo p0
+    rows = [("x", f"p{i}", f) for i, f in enumerate(good)] + [("x", "p0", poster)]
+    state = make_state(rows)
+    assert cluster(state)["same_photo"] == 1
+    assert state.reason[4] == "same_photo" and state.ident[0] == 0
+
+
+def test_batched_dbscan_equals_one_name_at_a_time():
+    rng = np.random.default_rng(3)
+    rows = []
+    for name in range(12):
+        ids = people(rng, 3, DIM)
+        for k, n in enumerate(rng.integers(1, 7, size=3)):
+            for f in person_photos(rng, ids[k], int(n), cos=0.8):
+                rows.append((f"n{name:02d}", f"n{name}_{len(rows)}", f))
+    whole, split = make_state(rows), make_state(rows)
+    cluster(whole, budget=10**9)  # every name in one DBSCAN call
+    cluster(split, budget=1)  # every name alone, and each name's pairs in one-row blocks
+    assert whole.names == split.names
+    assert np.array_equal(whole.ident, split.ident)
+    assert list(whole.reason) == list(split.reason)
+
+
+def test_face_score_filter_is_strictly_greater():
+    rng = np.random.default_rng(4)
+    a = people(rng, 1, DIM)[0]
+    state = make_state([("x", f"p{i}", f) for i, f in enumerate(person_photos(rng, a, 4))],
+                       scores=[0.99, 0.95, 0.5, float("nan")])
+    cfg = CleanConfig(min_images=1)
+    result = clean_selection(state, cfg, OFFICIAL, [])
+    assert list(state.reason) == [None, "low_face_score", "low_face_score", "low_face_score"]
+    assert result["steps"]["face_score"] == {"dropped": 3}
+
+
+def chain_directions(rng, n, step_cos):
+    """n unit vectors along a great circle: consecutive ones at `step_cos`, far ones nearly orthogonal."""
+    e1, e2 = people(rng, 2, DIM)
+    e2 = normalise((e2 - e2.dot(e1) * e1)[None])[0]
+    step = np.arccos(step_cos)
+    return [np.cos(k * step) * e1 + np.sin(k * step) * e2 for k in range(n)]
+
+
+def identity_state(rng, centers, sizes, cos=0.95, names=None):
+    rows = []
+    for k, (c, n) in enumerate(zip(centers, sizes)):
+        name = names[k] if names else f"n{k:02d}"
+        rows += [(name, f"{name}_{i}", f) for i, f in enumerate(person_photos(rng, c, n, cos=cos))]
+    state = make_state(rows)
+    cluster(state)
+    return state
+
+
+@pytest.mark.parametrize("length", [3, 12])
+def test_merge_is_transitive_for_chains_of_any_length(length):
+    rng = np.random.default_rng(5)
+    # a-b and b-c are above 0.7, a-c is not (0.28): the reference's one-hop remap left them apart.
+    centers = chain_directions(rng, length, 0.8)
+    assert centers[0].dot(centers[2]) < 0.3
+    state = identity_state(rng, centers, [6] * length)
+    report = merge_identities(state, OFFICIAL.merge, OFFICIAL.ambiguous, block=4, weighting="norm")
+    assert report["identities_merged_away"] == length - 1
+    assert len(np.unique(state.ident[state.kept()])) == 1
+    assert state.kept().all()
+
+
+def test_merge_keeps_the_id_of_the_largest_member():
+    rng = np.random.default_rng(6)
+    a = people(rng, 1, DIM)[0]
+    state = identity_state(rng, [a, at_cosine(rng, a, 0.9)], [3, 7], names=["alias", "real"])
+    merge_identities(state, OFFICIAL.merge, OFFICIAL.ambiguous, block=64, weighting="mean")
+    assert {state.names[i] for i in state.ident} == {"real"}
+
+
+def test_ambiguous_pair_drops_the_smaller_identity_after_merging():
+    rng = np.random.default_rng(7)
+    a = people(rng, 1, DIM)[0]
+    b = at_cosine(rng, a, 0.65)  # ambiguous: 0.6 < cos <= 0.7
+    other = people(rng, 1, DIM)[0]
+    state = identity_state(rng, [a, b, other], [8, 5, 4], cos=0.97)
+    report = merge_identities(state, OFFICIAL.merge, OFFICIAL.ambiguous, block=64, weighting="norm")
+    assert report["ambiguous_identities_dropped"] == 1 and report["identities_merged_away"] == 0
+    assert set(state.reason[8:13]) == {"ambiguous_identity"}
+    assert state.kept()[:8].all() and state.kept()[13:].all()
+
+
+def test_near_duplicates_keep_the_best_copy_without_a_size_cap():
+    rng = np.random.default_rng(8)
+    a = people(rng, 1, DIM)[0]
+    base = list(person_photos(rng, a, 5, cos=0.85))
+    copy0 = normalise((base[0] + 0.02 * rng.standard_normal(DIM) / np.sqrt(DIM))[None])[0]
+    rows = [("x", f"p{i}", f) for i, f in enumerate(base)] + [("x", "copy0", copy0)]
+    state = make_state(rows, scores=[0.97, 0.99, 0.99, 0.99, 0.99, 0.99])
+    cluster(state)
+    assert drop_near_duplicates(state, OFFICIAL.duplicate) == {"near_duplicates": 1}
+    # The copy has the better face score: it stays, the original goes.
+    assert state.reason[0] == "near_duplicate" and state.kept()[5]
+
+
+def test_dedup_blocks_give_the_same_answer_as_one_block():
+    rng = np.random.default_rng(9)
+    a = people(rng, 1, DIM)[0]
+    f = person_photos(rng, a, 40, cos=0.9)
+    f = np.concatenate([f, photos(rng, f[::3], 0.05)])  # planted copies of every third photo
+    f = f[rng.permutation(len(f))]
+    whole = dedup_rows(f, 0.9, block=10_000)
+    assert np.array_equal(whole, dedup_rows(f, 0.9, block=7))
+    kept = f[whole]
+    sims = kept @ kept.T
+    assert (sims[np.triu_indices(len(kept), 1)] <= 0.9).all()
+    assert whole.sum() >= 40 - 5  # the copies go, almost all originals stay
+
+
+def test_val_overlap_removes_the_planted_identity_and_reports_per_set():
+    rng = np.random.default_rng(10)
+    ids = people(rng, 3, DIM)
+    state = identity_state(rng, ids, [4, 4, 4], cos=0.95)
+    lfw = ValSet("lfw", "lfw.parquet", "kprpe", {}, ["img0", "img1"],
+                 np.stack([photos(rng, ids[1:2], 0.3)[0], people(rng, 1, DIM)[0]]))
+    agedb = ValSet("agedb_30", "agedb.parquet", "kprpe", {}, ["x"], people(rng, 1, DIM))
+    report = remove_val_overlap(state, [lfw, agedb], OFFICIAL.val_overlap, block=2, weighting="norm")
+    assert report["lfw"]["identities"] == 1 and report["lfw"]["images"] == 4
+    assert report["agedb_30"]["identities"] == 0
+    assert set(state.reason[4:8]) == {"val_overlap:lfw"}
+    assert state.kept()[:4].all() and state.kept()[8:].all()
+
+
+def test_too_few_images_and_funnel():
+    rng = np.random.default_rng(11)
+    a, b = people(rng, 2, DIM)
+    rows = [("a", f"a{i}", f) for i, f in enumerate(person_photos(rng, a, 3))]
+    rows += [("b", f"b{i}", f) for i, f in enumerate(person_photos(rng, b, 2))]
+    state = make_state(rows, scores=[0.99] * 4 + [0.5])
+    result = clean_selection(state, CleanConfig(), OFFICIAL, [])
+    assert state.reason[3] == "too_few_images" and state.reason[4] == "low_face_score"
+    steps = [(r["step"], r["identities"], r["images"]) for r in result["funnel"]]
+    assert steps == [("input", 2, 5), ("cluster", 2, 5), ("face_score", 2, 4), ("merge", 2, 4),
+                     ("near_duplicates", 2, 4), ("val_overlap", 2, 4), ("min_images", 1, 3)]

@@ -141,7 +141,8 @@ def init_vit_weights(module: nn.Module) -> None:
 
 def drop_path_rates(depth: int, max_rate: float) -> list[float]:
     """Linear stochastic-depth schedule 0 -> max_rate over the blocks."""
-    return [float(r) for r in torch.linspace(0, max_rate, depth)]
+    # plain Python so models can also be built on the meta device
+    return [max_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
 # ---------------------------------------------------------------------------------------------------

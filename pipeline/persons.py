@@ -98,7 +98,7 @@ class PersonsStage(ShardStage):
         if source.endswith(ARCH_SUFFIXES):
             torch.manual_seed(0)  # a random-initialised model is still the same model on every worker
         try:
-            model = YOLO(source, task="pose")
+            model = YOLO(source)  # the task comes from the checkpoint or the yaml
         except Exception as exc:  # noqa: BLE001 - a broken or foreign file must say which file it is
             raise StageError(f"could not load pose model {source}: {exc}") from exc
         if model.task != "pose" or list(getattr(model.model, "kpt_shape", [])) != [NUM_KEYPOINTS, 3]:

@@ -1,6 +1,7 @@
 """Weight resolution shared by the model stages (DESIGN.md, "Models and weights").
 
-A weight named in config is either a path, or a known name looked up in order:
+A weight named in config is either a path, `asset:NAME` (a registry-shipped weight, demo/test configs), or a
+known name looked up in order:
   1. `cache_dir()/weights/<name>` (where users put the paper's weights, e.g. `retinaface_r50.onnx`);
   2. a real weight shipped inside a registry package (`pipeline.assets`, e.g. `retinaface_mnet025.onnx`);
   3. the library's own official download, only when the caller allows it and we are online.
@@ -36,6 +37,13 @@ def resolve_weights(name_or_path: str | os.PathLike, kind: str = "model",
     text = str(name_or_path).strip()
     if not text:
         raise StageError(f"no {kind} weights configured: set a path or a known name in the config")
+    if text.startswith("asset:"):  # explicit registry-shipped weight, as configs/demo.yaml names them
+        from pipeline.assets import AssetError, asset_path
+
+        try:
+            return asset_path(text[len("asset:"):])
+        except AssetError as exc:
+            raise StageError(f"{kind} weights '{text}': {exc}") from exc
     path = Path(text).expanduser()
     if path.is_file():
         return path

@@ -101,14 +101,14 @@ def load_faces(inp: DatasetDir) -> Loaded:
         norms.append(norm)
         scores.append(np.asarray(table.column("face_score"), dtype=np.float32))
         bad.append(~ok)
-        metas.append(table.select(META_COLUMNS))
+        metas.append(table.select(META_COLUMNS).replace_schema_metadata(None))
         offsets.append(offsets[-1] + n)
     if len(embedders) > 1:
         raise StageError(
             f"faces output {inp.root} mixes embedders {dict(embedders)}: clean compares features, so every "
             "row must come from one embedder; re-run the faces stage with one `faces.embedder`"
         )
-    meta = pa.concat_tables(metas) if metas else FACES.empty().select(META_COLUMNS)
+    meta = pa.concat_tables(metas) if metas else FACES.empty().select(META_COLUMNS).replace_schema_metadata(None)
     label, labels = _codes(meta.column("label"), sort=True)
     photo, _ = _codes(meta.column("sample_id"), sort=False)
     state = CleanState(

@@ -35,7 +35,7 @@ BUNDLE_INDEX = register(
                 pa.field("label", pa.int32(), nullable=False),  # contiguous per split at build time
                 pa.field("identity", pa.string(), nullable=False),
                 pa.field("name", pa.string(), nullable=False),
-                pa.field("role", pa.string()),  # test split: "query" | "gallery"; train: null
+                pa.field("role", pa.string(), nullable=False),  # test: "query" | "gallery"; train: "train"
                 pa.field("subsets", pa.list_(pa.string()), nullable=False),  # train subsets: "12m", "4m", ...
                 pa.field("person_id", pa.string(), nullable=False),
                 pa.field("sample_id", pa.string(), nullable=False),

@@ -143,7 +143,7 @@ def test_splits_disjoint_labels_contiguous(built):
         if r["split"] == "test":
             roles[r["identity"]].add(r["role"])
         else:
-            assert r["role"] is None
+            assert r["role"] == "train"
     assert all(v == {"query", "gallery"} for v in roles.values())
     assert stats["split_plan"]["queries"] == sum(r["role"] == "query" for r in rows)
 

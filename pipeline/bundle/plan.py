@@ -44,7 +44,7 @@ class Planned:
     identity: str
     split: str = ""
     label: int = -1
-    role: str | None = None
+    role: str = "train"
     subsets: list[str] = field(default_factory=list)
     shard: str = ""
     position: int = 0
@@ -129,7 +129,8 @@ def build_plan(cfg: BundleConfig, clean: Path, persons: Path, faces: Path) -> Bu
     for s in samples:
         s.split = splits.split_of[s.identity]
         s.label = splits.label_of[s.identity]
-        s.role = splits.role_of.get(s.key)
+        # "train" rather than null: JSON readers that infer one type per field (HF datasets) need a string.
+        s.role = splits.role_of.get(s.key, "train")
         s.subsets = list(splits.subsets_of.get(s.identity, []))
     ordered: list[Planned] = []
     for split in SPLITS:

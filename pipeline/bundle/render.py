@@ -155,7 +155,9 @@ def render_sample(person: dict[str, Any], face: dict[str, Any] | None, plan: dic
         "face_score": face_score,
         "crop_size": [int(rgb.shape[1]), int(rgb.shape[0])],
         "role": plan.get("role"),
-        "subsets": list(plan.get("subsets") or []),
+        # one comma-separated string, never a list: a list that is empty in the first records makes readers
+        # that infer one type per field (HF datasets) type it as list<null> and fail on later records
+        "subsets": ",".join(plan.get("subsets") or []),
         "pipeline_version": pipeline_version,
         "config_hash": cfg_hash,
         "version": SAMPLE_VERSION,

@@ -1,0 +1,125 @@
+"""A small loopback HTTP server for tests, the demo corpus and benchmarks.
+
+`serve(routes)` starts a threaded server bound to 127.0.0.1 on a free port and yields its base URL:
+
+    with serve({"/a.jpg": Route(200, {"Content-Type": "image/jpeg"}, jpeg_bytes)}) as base:
+        urllib.request.urlopen(base + "/a.jpg")
+
+A route maps a path (with its query string, if any) to a `Route` (status, headers, body, delay in seconds
+before the response) or to a plain `(status, headers, body[, delay])` tuple. Unknown paths get 404. Paths
+that are not URL-safe (spaces, non-ASCII) are matched on their percent-decoded form, so a route can be
+written as `"/a b.jpg"` and requested as `"/a%20b.jpg"`. `hits` counts requests per path so tests can check
+that a duplicate URL was fetched once, or that a retry happened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+
+@dataclass(frozen=True)
+class Route:
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    delay: float = 0.0  # seconds to wait before sending the response (to exceed a client timeout)
+    # Send only this many bytes of `body` while announcing its full Content-Length (a cut-off transfer).
+    truncate_to: int | None = None
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True  # a slow handler never blocks shutdown
+    allow_reuse_address = True
+
+    def __init__(self, routes: Mapping[str, Route]):
+        self.routes = {_key(p): _route(r) for p, r in routes.items()}
+        self.hits: Counter = Counter()
+        self._lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def count(self, path: str) -> None:
+        with self._lock:
+            self.hits[path] += 1
+
+
+def _key(path: str) -> str:
+    return unquote(path if path.startswith("/") else "/" + path)
+
+
+def _route(r: Route | tuple) -> Route:
+    if isinstance(r, Route):
+        return r
+    return Route(*r)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LoopbackServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = _key(self.path)
+        self.server.count(path)
+        route = self.server.routes.get(path)
+        if route is None:
+            route = Route(404, {"Content-Type": "text/plain"}, b"not found")
+        if route.delay:
+            time.sleep(route.delay)
+        try:
+            self.send_response(route.status)
+            headers = dict(route.headers)
+            headers.setdefault("Content-Length", str(len(route.body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            body = route.body if route.truncate_to is None else route.body[: route.truncate_to]
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test): nothing to report
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # keep test output quiet
+
+
+@contextmanager
+def serve(routes: Mapping[str, Route | tuple]) -> Iterator[str]:
+    """Serve `routes` on 127.0.0.1:<free port> in a background thread; yields the base URL."""
+    with serving(routes) as server:
+        yield server.base_url
+
+
+@contextmanager
+def serving(routes: Mapping[str, Route | tuple]) -> Iterator[LoopbackServer]:
+    """Like `serve`, but yields the server itself (for `base_url` and `hits`)."""
+    server = LoopbackServer(routes)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port_url() -> str:
+    """A loopback URL on a port nothing listens on (connection refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -59,6 +59,10 @@ class DownloadConfig(_Strict):
     max_image_area: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default limit)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
     retry_failed: bool = True  # a second pass over failed URLs
+    # auto: img2dataset's Ray distributor when run.ray_address is set, else its multiprocessing one
+    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"
+    job_rows: int = Field(20_000, ge=1)  # manifest rows per img2dataset job (bounds memory and lost work)
+    user_agent_token: str | None = None  # e.g. "img2dataset", to match X-Robots-Tag directives for a UA
 
 
 class PersonsConfig(_Strict):

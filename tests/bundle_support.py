@@ -82,7 +82,7 @@ def make_build(root: Path, n_ids: int = 8, per_id: int = 6, n_shards: int = 3, s
                 "crop_height": h, "image_width": 640, "image_height": 640,
             }
             person["keypoints_crop"] = list(person["keypoints"])
-            feat = identity_direction(ident) * 10 + rng.normal(scale=1.0, size=DIM).astype(np.float32)
+            feat = identity_direction(ident) * 10 + rng.normal(scale=0.3, size=DIM).astype(np.float32)
             face = {
                 "person_id": pid, "sample_id": sample_id, "detection_index": det, "label": f"L{ident}",
                 "name": name, "face_box": face_box, "face_landmarks": lm, "face_score": 0.99,

@@ -130,3 +130,15 @@ def test_bad_record_values(bundle):
 def test_missing_index_is_a_problem(bundle):
     (bundle / "index.parquet").unlink()
     assert [str(p) for p in verify_bundle(bundle)] == ["index.parquet: missing"]
+
+
+def test_cli_exit_codes(bundle, tmp_path):
+    from flows.cli import main
+
+    assert main(["verify", str(bundle)]) == 0
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+    tar, row = _first(bundle)
+    data = bytearray(tar.read_bytes())
+    data[row["jpg_offset"] + 100] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    assert main(["verify", "--quiet", str(bundle)]) == 1

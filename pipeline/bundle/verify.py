@@ -198,7 +198,10 @@ def _check_record(shard: str, r: dict, data: bytes, size: int) -> list[Problem]:
 
 
 def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> int:
-    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise."""
+    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise, 2 if DIR is not a directory."""
+    if not Path(root).is_dir():
+        print(f"error: {root} is not a directory (give a bundle directory, <build>/bundle)", file=sys.stderr)
+        return 2
     problems = verify_bundle(root)
     if problems:
         for p in problems[:max_lines]:

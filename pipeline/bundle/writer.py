@@ -230,6 +230,16 @@ def run_bundle(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrit
     output = Path(output)
     _prepare(output, meta, overwrite)
     shards = plan.by_shard()
+    # Opt-outs applied by `webbody remove` stay applied: their samples are never written again. Filtering after
+    # the shard assignment keeps every other sample in the shard and position it already has.
+    from pipeline.bundle.remove import key_hash, removed_hashes
+
+    removed = removed_hashes(output)
+    if removed["keys"]:
+        shards = {s: [p for p in ps if key_hash(p.key) not in removed["keys"]] for s, ps in shards.items()}
+        shards = {s: ps for s, ps in shards.items() if ps}
+        for ident in [i for i in plan.centers if key_hash(i) in removed["identities"]]:
+            del plan.centers[ident]
     todo = [s for s in shards if not shard_done(output, s)]
     args = (str(inputs["persons"]), str(inputs["faces"]), bcfg, version, chash)
     if todo and cfg.run.executor == "ray" and len(todo) > 1:

@@ -3,7 +3,8 @@
 Two sources, the files people actually have:
 - insightface verification `.bin` files (LFW, CPLFW, CFP-FP, AgeDB-30, CALFW): a pickle of (encoded
   112x112 aligned face images, same/different flags). Identities are not labelled there, so each image is
-  its own center. The images are already aligned: they are embedded directly.
+  its own center; each same-identity pair adds the center of its two images. The images are already
+  aligned: they are embedded directly.
 - image folders with one sub-folder per identity: every photo goes through the faces stage's detector
   (best face), the ArcFace-template alignment and the embedder; an identity's center is the sum of its raw
   features (the clean stage's default "norm" weighting), normalised.
@@ -138,8 +139,11 @@ def _embedder_config(faces: FacesConfig) -> str:
 
 
 def _centers_from_bin(path: Path, emb: ValsetEmbedder, batch: int, counts: Counter) -> tuple[list, list, list]:
-    images, _ = read_bin(path)
+    """One center per image, plus one per same-identity pair (images 2k and 2k+1 with issame[k]): a pair's
+    center is the sum of its two raw features, a better estimate of the person than either image alone."""
+    images, issame = read_bin(path)
     items, feats, sizes = [], [], []
+    by_index: dict[int, np.ndarray] = {}
     for start in range(0, len(images), batch):
         decoded = [(start + k, _decode(b)) for k, b in enumerate(images[start:start + batch])]
         good = [(i, img) for i, img in decoded if img is not None]
@@ -149,6 +153,12 @@ def _centers_from_bin(path: Path, emb: ValsetEmbedder, batch: int, counts: Count
                 items.append(f"img{i:05d}")
                 feats.append(f)
                 sizes.append(1)
+                by_index[i] = f
+    for k, same in enumerate(issame):
+        if same and 2 * k in by_index and 2 * k + 1 in by_index:
+            items.append(f"pair{k:05d}")
+            feats.append(by_index[2 * k] + by_index[2 * k + 1])
+            sizes.append(2)
     counts["images"] += len(images)
     return items, feats, sizes
 

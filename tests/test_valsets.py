@@ -75,18 +75,18 @@ def test_folder_set_through_the_cli(tmp_path, dlib_faces):
 def test_bin_set_embeds_aligned_faces_one_center_per_image(tmp_path, dlib_faces, embedder):
     images = [aligned_jpeg(embedder, n) for n in ("obama2.jpg", "obama3.jpg", "biden.jpg")]
     bin_path = tmp_path / "agedb_30.bin"
-    write_bin(bin_path, images + [b"garbage"], [True, False])
+    write_bin(bin_path, images + [b"garbage"], [True, False])  # pairs: (obama2, obama3) same, (biden, ?) not
     assert read_bin(bin_path)[1] == [True, False]
     out = tmp_path / "agedb.parquet"
     report = build_valset_centers("agedb_30", bin_path, out, dlib_faces, embedder=embedder)
-    assert report["centers"] == 3 and report["decode_error"] == 1
+    assert report["centers"] == 4 and report["decode_error"] == 1
     vs = read_valset(out)
-    assert vs.items == ["img00000", "img00001", "img00002"]
+    assert vs.items == ["img00000", "img00001", "img00002", "pair00000"]
     # The aligned-face path must agree with the detect-and-align path on who is who.
     folder = embedder.photos([rgb("obama.jpg")])[0]
     folder /= np.linalg.norm(folder)
     sims = vs.centers @ folder
-    assert sims[0] > 0.9 and sims[1] > 0.9 and sims[2] < 0.9
+    assert sims[0] > 0.9 and sims[1] > 0.9 and sims[2] < 0.9 and sims[3] > 0.9
 
 
 def test_bin_with_foreign_objects_is_refused(tmp_path):

@@ -15,7 +15,9 @@ def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool
     """Run the faces stage over every finished persons shard; returns the roll-up stats."""
     from pipeline.registry import executor_from_config
 
-    summary = executor_from_config(cfg).run(FacesStage(cfg.faces), inputs["persons"], output, overwrite)
+    stage = FacesStage(cfg.faces)
+    stage.resolve_paths()  # fail fast on the driver: a missing weight is reported before any worker starts
+    summary = executor_from_config(cfg).run(stage, inputs["persons"], output, overwrite)
     return summary.stats
 
 

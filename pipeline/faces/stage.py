@@ -33,13 +33,15 @@ from pipeline.faces.align import (
 )
 from pipeline.faces.detectors import DEFAULT_DETECTORS, FaceDetector
 from pipeline.faces.embedders import DEFAULT_MODELS, Embedder, FaceCrop, build_embedder, onnx_providers
-from pipeline.stage import BatchResult, ShardStage, StageError
+from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.faces import FACES
 
 log = logging.getLogger(__name__)
 
 # Columns of the persons table this stage reads (its schema module may carry more).
+# Left out of the output's config hash: they change speed, not rows (GPU numerics aside).
+EXECUTION_FIELDS = {"batch_size", "device", "num_threads"}
 INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
 
 
@@ -73,16 +75,26 @@ class FacesStage(ShardStage):
         self.detector: FaceDetector | None = None
         self.embedder: Embedder | None = None
 
+    def config_hash(self) -> str:
+        # Execution settings do not change the rows (features are batch-independent, see the tests).
+        return config_hash(self.config.model_dump(mode="json", exclude=EXECUTION_FIELDS))
+
     # -- models ---------------------------------------------------------------------------------------
+    def resolve_paths(self) -> tuple[Path, Path | None, Path | None]:
+        """Local paths of the detector, embedder and (dlib) shape predictor weights, or StageError."""
+        cfg: FacesConfig = self.config
+        det = resolve_weights(cfg.detector_model or DEFAULT_DETECTORS[cfg.detector], f"{cfg.detector} detector")
+        return det, self._embedder_weights(), self._predictor()
+
     def setup(self) -> None:
         cfg: FacesConfig = self.config
-        det_path = resolve_weights(cfg.detector_model or DEFAULT_DETECTORS[cfg.detector], f"{cfg.detector} detector")
+        det_path, emb_path, predictor = self.resolve_paths()
         self.detector = FaceDetector(det_path, layout=cfg.detector_layout, input_size=cfg.detector_input,
                                      nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
                                      num_threads=cfg.num_threads)
         if cfg.detector == "scrfd" and self.detector.layout != "insightface":
             raise StageError(f"{det_path} has the {self.detector.layout} layout; SCRFD models use insightface's")
-        self.embedder = build_embedder(cfg.embedder, self._embedder_weights(), shape_predictor=self._predictor(),
+        self.embedder = build_embedder(cfg.embedder, emb_path, shape_predictor=predictor,
                                        kprpe_size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads)
 
     def _embedder_weights(self) -> Path | None:

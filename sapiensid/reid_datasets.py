@@ -1,0 +1,158 @@
+"""ReID evaluation sets from their standard folder layouts, and the WebBody-test split from our shards.
+
+Each loader returns one or more :class:`ReIDSplit` (a query list and a gallery list of :class:`EvalItem`) plus the
+protocols that apply. Images are read lazily (paths), so large galleries do not sit in memory.
+
+Layouts (as distributed by their authors):
+- Market-1501: ``query/``, ``bounding_box_test/``; file ``0002_c1s1_000451_03.jpg`` = pid 2, camera 1. pid -1
+  (junk detections) is dropped; pid 0 (distractors) is kept in the gallery.
+- LTCC: ``query/``, ``test/``; file ``001_1_c11_015861.png`` = pid 1, clothes 1 (of that pid), camera 11.
+  Protocols: general, same-clothes, clothes-changing.
+- PRCC: ``rgb/test/{A,B,C}/<pid>/*.jpg``; gallery = camera A, same-clothes queries = camera B, clothes-changing
+  queries = camera C (each evaluated with the general rule; cameras always differ).
+- WebBody shards (``split`` test): the bundle marks each test sample's ``role`` (query / gallery) in its record;
+  records without a role fall back to: per identity, the image whose key hash is smallest is the query and the
+  rest form the gallery. Cameras are unknown (-1), so every other image of the identity is a good match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+@dataclass
+class EvalItem:
+    pid: int
+    camid: int = -1
+    clothes: int | None = None
+    item_id: str = ""
+    path: str | None = None  # image file, or
+    image: np.ndarray | None = None  # a decoded RGB image (shards)
+    points: np.ndarray | None = None  # (22, 2) pixel keypoints of the image, -1 missing
+
+
+@dataclass
+class ReIDSplit:
+    name: str
+    query: list[EvalItem]
+    gallery: list[EvalItem]
+    protocols: tuple[str, ...] = ("general",)
+    notes: dict = field(default_factory=dict)
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"expected folder {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+_MARKET = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def load_market1501(root: str | Path) -> list[ReIDSplit]:
+    root = Path(root)
+
+    def parse(folder: str) -> list[EvalItem]:
+        items = []
+        for p in _images(root / folder):
+            m = _MARKET.match(p.name)
+            if not m:
+                raise ValueError(f"{p}: not a Market-1501 file name (pid_cN...)")
+            pid, cam = int(m.group(1)), int(m.group(2)) - 1
+            if pid == -1:
+                continue  # junk detections are not part of the protocol
+            items.append(EvalItem(pid, cam, item_id=f"{folder}/{p.name}", path=str(p)))
+        return items
+
+    return [ReIDSplit("market1501", parse("query"), parse("bounding_box_test"))]
+
+
+_LTCC = re.compile(r"^(\d+)_(\d+)_c(\d+)")
+
+
+def load_ltcc(root: str | Path) -> list[ReIDSplit]:
+    root = Path(root)
+    clothes_ids: dict[tuple[int, int], int] = {}
+
+    def parse(folder: str) -> list[EvalItem]:
+        items = []
+        for p in _images(root / folder):
+            m = _LTCC.match(p.name)
+            if not m:
+                raise ValueError(f"{p}: not an LTCC file name (pid_clothes_cN_...)")
+            pid, clo, cam = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            cid = clothes_ids.setdefault((pid, clo), len(clothes_ids))
+            items.append(EvalItem(pid, cam, cid, item_id=f"{folder}/{p.name}", path=str(p)))
+        return items
+
+    q, g = parse("query"), parse("test")
+    return [ReIDSplit("ltcc", q, g, ("general", "same_clothes", "clothes_changing"))]
+
+
+def load_prcc(root: str | Path) -> list[ReIDSplit]:
+    root = Path(root)
+    base = root / "rgb" / "test" if (root / "rgb" / "test").is_dir() else root
+
+    def parse(cam_folder: str, camid: int) -> list[EvalItem]:
+        items = []
+        folder = base / cam_folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"PRCC: expected {folder}")
+        for pid_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            pid = int(pid_dir.name)
+            for p in _images(pid_dir):
+                # A and B share clothes; C shows other clothes.
+                clothes = 2 * pid + (1 if cam_folder == "C" else 0)
+                items.append(EvalItem(pid, camid, clothes, item_id=f"{cam_folder}/{pid_dir.name}/{p.name}", path=str(p)))
+        return items
+
+    gallery = parse("A", 0)
+    return [
+        ReIDSplit("prcc_same_clothes", parse("B", 1), gallery),
+        ReIDSplit("prcc_clothes_changing", parse("C", 2), gallery),
+    ]
+
+
+def split_webbody_shards(urls: list[str], name: str = "webbody_test") -> list[ReIDSplit]:
+    """Query/gallery from decoded shard samples: one query per identity with >= 2 images."""
+    from sapiensid.data import SkipCounter, iter_decoded
+
+    skips = SkipCounter()
+    by_label: dict[int, list[EvalItem]] = defaultdict(list)
+    roles: dict[str, str] = {}
+    for s in iter_decoded(urls, skips):
+        key = s.meta["key"]
+        if s.meta.get("role") in ("query", "gallery"):
+            roles[key] = s.meta["role"]
+        by_label[s.label].append(EvalItem(s.label, -1, item_id=key, image=s.image, points=s.points))
+    query, gallery = [], []
+    singletons = 0
+    for label in sorted(by_label):
+        items = sorted(by_label[label], key=lambda it: hashlib.sha256(it.item_id.encode()).hexdigest())
+        if any(roles.get(it.item_id) for it in items):
+            query.extend(it for it in items if roles.get(it.item_id) == "query")
+            gallery.extend(it for it in items if roles.get(it.item_id) != "query")
+            continue
+        if len(items) < 2:
+            singletons += 1
+            gallery.extend(items)  # still a distractor for everyone else
+            continue
+        query.append(items[0])
+        gallery.extend(items[1:])
+    notes = {"skipped_samples": skips.total, "identities_without_pair": singletons}
+    return [ReIDSplit(name, query, gallery, ("general",), notes)]
+
+
+LOADERS = {
+    "market1501": load_market1501,
+    "ltcc": load_ltcc,
+    "prcc": load_prcc,
+}

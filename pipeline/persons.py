@@ -90,6 +90,9 @@ class PersonsStage(ShardStage):
 
     # -- model --------------------------------------------------------------------------------------------
     def setup(self) -> None:
+        from pipeline.runtime import ensure_offline_env
+
+        ensure_offline_env()  # a worker of an external Ray cluster may not have the driver's environment
         import torch
         from ultralytics import YOLO
 

@@ -28,8 +28,10 @@ SPLITS = ("train", "test")
 
 
 def sample_key(person_id: str) -> str:
-    """WebDataset keys end at the first dot and should be file-name safe; person ids usually already are."""
-    return _KEY_BAD.sub("-", person_id)
+    """WebDataset keys end at the first dot and should be file-name safe; person ids usually already are.
+    USTAR names hold 100 bytes, so an id too long for `<key>.face.npy` becomes a stable hash of itself."""
+    key = _KEY_BAD.sub("-", person_id)
+    return key if len(key) <= 80 else hashlib.sha256(person_id.encode()).hexdigest()[:40]
 
 
 def shard_file(split: str, n: int) -> str:

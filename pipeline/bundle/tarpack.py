@@ -1,15 +1,19 @@
 """Deterministic tar writing with member offsets, and tar reading for verify/remove.
 
-`tarfile` is used directly rather than `webdataset.TarWriter` for two reasons: the index needs each
-member's header and data offsets, which TarWriter does not expose; and every header field that could vary
-between runs (mtime, uid, gid, uname, gname, mode, format) is fixed here, so the same samples give
-byte-identical shards on every machine.
+Why not `webdataset.TarWriter`: the index needs each member's header and data offsets, which it does not
+expose. Every header field that could vary between runs (mtime, uid, gid, uname, gname, mode, format) is
+fixed here, so the same samples give byte-identical shards on every machine.
+
+Why not `tarfile.addfile` per member: building a header costs ~200 us in `tarfile` on our 2-core machines,
+which capped shard writing at ~17 MB/s (6 % of a plain write; members are small: a 10 KB JPEG, a 1 KB
+JSON). The writer fills a USTAR header template made once by `tarfile` (only name, size and checksum change),
+so the bytes are exactly what `tarfile` writes (tested), at a few microseconds per member. Names longer than
+the 100-byte USTAR name field fall back to `tarfile`'s own header.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 import tempfile
@@ -43,29 +47,62 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+def _encode_header(ti: tarfile.TarInfo) -> bytes:
+    return ti.tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _encode_header(_info("x", 0))
+_CHKSUM = slice(148, 156)
+# The checksum is the byte sum with its own field as spaces; only name and size vary, so sum the rest once.
+_BASE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:])
+_RECORD = tarfile.RECORDSIZE
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header `tarfile` would write for this member with our fixed fields."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        return _encode_header(_info(name, size))
+    size_field = b"%011o\0" % size
+    h = bytearray(_TEMPLATE)
+    h[0:100] = raw.ljust(100, b"\0")
+    h[124:136] = size_field
+    h[148:155] = b"%06o\0" % (_BASE_SUM + sum(raw) + sum(size_field))
+    return bytes(h)
+
+
 class ShardWriter:
     """Write samples (contiguous members) to a file object; `add` returns each member's offsets."""
 
     def __init__(self, fileobj: BinaryIO):
-        self._tf = tarfile.open(fileobj=fileobj, mode="w", format=TAR_FORMAT)
+        self._fh = fileobj
+        self._offset = 0
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> list[Member]:
         out = []
         for ext, data in members:
-            ti = _info(f"{key}.{ext}", len(data))
-            header_at = self._tf.offset
-            self._tf.addfile(ti, io.BytesIO(data))
-            # addfile works on a copy of `ti`; the data is the last ceil(size/512) blocks written.
-            data_at = self._tf.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            out.append(Member(ti.name, header_at, data_at, len(data), hashlib.sha256(data).hexdigest()))
+            name = f"{key}.{ext}"
+            header_at = self._offset
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self._fh.write(ustar_header(name, len(data)))
+            self._fh.write(data)
+            if pad:
+                self._fh.write(b"\0" * pad)
+            self._offset += tarfile.BLOCKSIZE + len(data) + pad
+            out.append(Member(name, header_at, header_at + tarfile.BLOCKSIZE, len(data),
+                              hashlib.sha256(data).hexdigest()))
         return out
 
     @property
     def offset(self) -> int:
-        return self._tf.offset
+        return self._offset
 
     def close(self) -> None:
-        self._tf.close()
+        # end-of-archive: two zero blocks, then zeros up to a whole record, exactly as tarfile.close() does
+        end = self._offset + 2 * tarfile.BLOCKSIZE
+        end += -end % _RECORD
+        self._fh.write(b"\0" * (end - self._offset))
+        self._offset = end
 
 
 def write_shard_atomic(path: Path, fill) -> object:

@@ -84,6 +84,14 @@ def resolve(host: str, port: int | None) -> list[IPAddress]:
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def check_host(host: str, port: int | None, allow: AllowList) -> list[IPAddress]:
     """The addresses of `host` if every one may be fetched; raises BlockedURL otherwise."""
     if allow.allows_host(host):
@@ -107,8 +115,8 @@ def check_url(url: str, allow: AllowList, resolve_dns: bool = True) -> str | Non
         return "bad_url"
     if parts.scheme.lower() not in ALLOWED_SCHEMES or not parts.hostname:
         return "bad_url"
-    if not resolve_dns:
-        return None
+    if not resolve_dns and not _is_ip_literal(parts.hostname):
+        return None  # host names are vetted at connect time (install_guarded_opener)
     try:
         check_host(parts.hostname, port, allow)
     except BlockedURL as exc:

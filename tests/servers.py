@@ -6,7 +6,8 @@
         urllib.request.urlopen(base + "/a.jpg")
 
 A route maps a path (with its query string, if any) to a `Route` (status, headers, body, delay in seconds
-before the response) or to a plain `(status, headers, body[, delay])` tuple. Unknown paths get 404. Paths
+before the response), to a plain `(status, headers, body[, delay])` tuple, or to a list of those served in
+turn, the last one repeating (a flaky server: 503 first, then the image). Unknown paths get 404. Paths
 that are not URL-safe (spaces, non-ASCII) are matched on their percent-decoded form, so a route can be
 written as `"/a b.jpg"` and requested as `"/a%20b.jpg"`. `hits` counts requests per path so tests can check
 that a duplicate URL was fetched once, or that a retry happened.
@@ -38,8 +39,8 @@ class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow handler never blocks shutdown
     allow_reuse_address = True
 
-    def __init__(self, routes: Mapping[str, Route]):
-        self.routes = {_key(p): _route(r) for p, r in routes.items()}
+    def __init__(self, routes: Mapping[str, Route | tuple | list]):
+        self.routes = {_key(p): _routes(r) for p, r in routes.items()}
         self.hits: Counter = Counter()
         self._lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -49,19 +50,22 @@ class LoopbackServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def count(self, path: str) -> None:
+    def count(self, path: str) -> int:
+        """Record a request; returns how many earlier requests this path had."""
         with self._lock:
             self.hits[path] += 1
+            return self.hits[path] - 1
 
 
 def _key(path: str) -> str:
     return unquote(path if path.startswith("/") else "/" + path)
 
 
-def _route(r: Route | tuple) -> Route:
-    if isinstance(r, Route):
-        return r
-    return Route(*r)
+def _routes(r: Route | tuple | list) -> list[Route]:
+    items = r if isinstance(r, list) else [r]
+    if not items:
+        raise ValueError("a route list needs at least one response")
+    return [x if isinstance(x, Route) else Route(*x) for x in items]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -70,10 +74,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = _key(self.path)
-        self.server.count(path)
-        route = self.server.routes.get(path)
-        if route is None:
+        earlier = self.server.count(path)
+        responses = self.server.routes.get(path)
+        if responses is None:
             route = Route(404, {"Content-Type": "text/plain"}, b"not found")
+        else:
+            route = responses[min(earlier, len(responses) - 1)]
         if route.delay:
             time.sleep(route.delay)
         try:
@@ -95,14 +101,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(routes: Mapping[str, Route | tuple]) -> Iterator[str]:
+def serve(routes: Mapping[str, Route | tuple | list]) -> Iterator[str]:
     """Serve `routes` on 127.0.0.1:<free port> in a background thread; yields the base URL."""
     with serving(routes) as server:
         yield server.base_url
 
 
 @contextmanager
-def serving(routes: Mapping[str, Route | tuple]) -> Iterator[LoopbackServer]:
+def serving(routes: Mapping[str, Route | tuple | list]) -> Iterator[LoopbackServer]:
     """Like `serve`, but yields the server itself (for `base_url` and `hits`)."""
     server = LoopbackServer(routes)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

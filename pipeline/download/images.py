@@ -49,7 +49,7 @@ def normalise(data: bytes, max_area: float) -> Normalised:
     except UnidentifiedImageError as exc:
         raise ImageRejected("not_an_image", f"{len(data)} bytes, starts {data[:16]!r}") from exc
     except Exception as exc:  # noqa: BLE001  (Pillow raises many types for broken headers)
-        raise ImageRejected("decode_error", str(exc)) from exc
+        raise _decode_failure(exc) from exc
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageRejected("decode_error", f"size {w}x{h}")
@@ -60,11 +60,8 @@ def normalise(data: bytes, max_area: float) -> Normalised:
         notes.append("animated")  # keep the first frame (Pillow opens on frame 0)
     try:
         im.load()
-    except OSError as exc:
-        code = "truncated" if "truncat" in str(exc).lower() else "decode_error"
-        raise ImageRejected(code, str(exc)) from exc
     except Exception as exc:  # noqa: BLE001
-        raise ImageRejected("decode_error", str(exc)) from exc
+        raise _decode_failure(exc) from exc
     try:
         orientation = im.getexif().get(0x0112, 1)
         if orientation not in (1, None):
@@ -76,6 +73,12 @@ def normalise(data: bytes, max_area: float) -> Normalised:
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("decode_error", str(exc)) from exc
     return Normalised(rgb, tuple(notes))
+
+
+def _decode_failure(exc: Exception) -> ImageRejected:
+    # Pillow says "image file is truncated" or "Truncated File Read" depending on where the data ran out
+    code = "truncated" if "truncat" in str(exc).lower() else "decode_error"
+    return ImageRejected(code, f"{type(exc).__name__}: {exc}")
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:

@@ -1,56 +1,62 @@
-"""Cross-identity similarity search with faiss, in query blocks, so memory never holds an N x N matrix.
+"""Cross-identity similarity search as blocked matrix products: memory is one tile, whatever N is.
 
-The index holds the (normalised, float32) vectors once; queries go block by block and only the pairs
-above a threshold come back. Both helpers return results in a canonical order, so nothing depends on
-faiss's thread scheduling.
+A tile is at most `block` query rows x TILE_ELEMS / rows base rows of float32 similarities (128 MiB);
+only the pairs above a threshold (or the running best match) leave a tile. This is the exact search an
+IndexFlatIP does; faiss-cpu's flat search measured 5-7x slower than numpy's BLAS product on this machine
+(10 000 x 10 000 x 512: 19.6 s against 2.6 s), so the product is done directly. Results come back in a
+canonical order, independent of tiling.
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
+TILE_ELEMS = 1 << 25  # float32 similarities per tile: 128 MiB
+MAX_QUERY_ROWS = 2048
 
-def _flat_index(base: np.ndarray) -> faiss.IndexFlatIP:
-    base = np.ascontiguousarray(base, dtype=np.float32)
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    return index
+
+def _tiles(block: int) -> tuple[int, int]:
+    """(query rows, base rows) of a tile: `block` bounds both (small blocks exercise the tiling in tests)."""
+    q = max(1, min(block, MAX_QUERY_ROWS))
+    return q, max(1, min(block, TILE_ELEMS // q))
 
 
 def pairs_above(x: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j of rows of `x` (L2-normalised) with cosine > threshold: (i, j, cos), sorted by (i, j)."""
-    n = len(x)
-    if n < 2:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    index = _flat_index(x)
-    out_i, out_j, out_s = [], [], []
-    for start in range(0, n, block):
-        q = x[start:start + block]
-        lims, sims, nbrs = index.range_search(q, float(threshold))
-        rows = np.repeat(np.arange(start, start + len(q)), np.diff(lims).astype(np.int64))
-        keep = nbrs > rows  # each unordered pair once, no self pairs
-        out_i.append(rows[keep])
-        out_j.append(nbrs[keep].astype(np.int64))
-        out_s.append(sims[keep])
+    n = len(x)
+    q_rows, b_rows = _tiles(block)
+    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for qs in range(0, n, q_rows):
+        xq = x[qs:qs + q_rows]
+        # Only base rows from qs on: the other half of the matrix holds the same pairs.
+        for bs in range(qs, n, b_rows):
+            sims = xq @ x[bs:bs + b_rows].T
+            r, c = np.nonzero(sims > threshold)
+            i, j = r + qs, c + bs
+            keep = j > i
+            out_i.append(i[keep])
+            out_j.append(j[keep])
+            out_s.append(sims[r[keep], c[keep]])
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
 
 
 def best_match(queries: np.ndarray, base: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, the highest cosine to any row of `base` and its index (-1 and -inf when empty)."""
-    nq = len(queries)
-    best = np.full(nq, -np.inf, dtype=np.float32)
-    arg = np.full(nq, -1, dtype=np.int64)
-    if nq == 0 or len(base) == 0:
-        return best, arg
-    index = _flat_index(base)
+    """For each query row, the highest cosine to any row of `base` and its index (-inf and -1 when empty)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    for start in range(0, nq, block):
-        sims, nbrs = index.search(queries[start:start + block], 1)
-        best[start:start + len(sims)] = sims[:, 0]
-        arg[start:start + len(sims)] = nbrs[:, 0]
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    arg = np.full(len(queries), -1, dtype=np.int64)
+    q_rows, b_rows = _tiles(block)
+    for qs in range(0, len(queries), q_rows):
+        xq = queries[qs:qs + q_rows]
+        for bs in range(0, len(base), b_rows):
+            sims = xq @ base[bs:bs + b_rows].T
+            k = sims.argmax(axis=1)
+            top = sims[np.arange(len(xq)), k]
+            better = top > best[qs:qs + len(xq)]  # strict: the first best index wins ties
+            best[qs:qs + len(xq)][better] = top[better]
+            arg[qs:qs + len(xq)][better] = k[better] + bs
     return best, arg

@@ -9,6 +9,7 @@ After each step the funnel records the identities and images left.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -40,27 +41,34 @@ def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds
     funnel = [{"step": "input", "identities": int(len(np.unique(state.label[usable]))),
                "images": int(usable.sum())}]
     report: dict = {}
+    clock = [time.perf_counter()]
+
+    def row(step: str) -> dict:
+        now = time.perf_counter()
+        out = {**state.funnel_row(step), "seconds": round(now - clock[0], 3)}
+        clock[0] = now
+        return out
 
     report["cluster"] = cluster_names(state, thr.dbscan_eps, thr.dbscan_min_samples, cfg.top_k_clusters,
                                       cfg.dbscan_pair_budget)
-    funnel.append(state.funnel_row("cluster"))
+    funnel.append(row("cluster"))
 
     report["face_score"] = {"dropped": state.drop(~(state.face_score > cfg.face_score), "low_face_score")}
-    funnel.append(state.funnel_row("face_score"))
+    funnel.append(row("face_score"))
 
     report["merge"] = merge_identities(state, thr.merge, thr.ambiguous, cfg.block_size, cfg.center_weighting)
-    funnel.append(state.funnel_row("merge"))
+    funnel.append(row("merge"))
 
     report["dedup"] = drop_near_duplicates(state, thr.duplicate)
-    funnel.append(state.funnel_row("near_duplicates"))
+    funnel.append(row("near_duplicates"))
 
     report["val_overlap"] = remove_val_overlap(state, valsets, thr.val_overlap, cfg.block_size,
                                                cfg.center_weighting)
-    funnel.append(state.funnel_row("val_overlap"))
+    funnel.append(row("val_overlap"))
 
     ids, counts = np.unique(state.ident[state.kept()], return_counts=True)
     report["min_images"] = {"dropped": state.drop_identities(ids[counts < cfg.min_images], "too_few_images")}
-    funnel.append(state.funnel_row("min_images"))
+    funnel.append(row("min_images"))
 
     for row in funnel:
         log.info("clean %-16s identities %9d images %10d", row["step"], row["identities"], row["images"])

@@ -9,11 +9,13 @@ import pytest
 from pipeline.faces.align import (
     ARCFACE_112,
     AlignError,
+    detector_canvas,
     pad_to_square,
     similarity_to_template,
     transform_points,
     upper_body_box,
     warp_face,
+    warp_region,
 )
 from pipeline.faces.detectors import biubug6_priors, insightface_anchor_centres, nms
 from pipeline.faces.stage import decode_feature, feature_columns
@@ -78,6 +80,34 @@ def test_pad_to_square_centres_with_black():
     wide = np.zeros((3, 8, 3), np.uint8)
     sq, left, top = pad_to_square(wide)
     assert sq.shape == (8, 8, 3) and (left, top) == (0, 2)  # odd remainder goes to the bottom, as official
+
+
+def test_detector_canvas_is_the_padded_square_resized():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (400, 300, 3), dtype=np.uint8)
+    region = (40, 30, 240, 130)  # 200 x 100: padded to 200 x 200 with 50 black rows above and below
+    canvas, scale, shift = detector_canvas(img, region, 160)
+    square, left, top = pad_to_square(img[30:130, 40:240])
+    ref = cv2.resize(square, (160, 160), interpolation=cv2.INTER_AREA)
+    assert canvas.shape == (160, 160, 3) and (canvas[:40] == 0).all() and (canvas[120:] == 0).all()
+    assert np.abs(canvas[41:119].astype(int) - ref[41:119]).mean() < 1.0
+    # canvas px -> body px: the canvas corners of the crop land on the region corners.
+    assert np.allclose(np.array([0, 40]) * scale + shift, [40, 30])
+    assert np.allclose(np.array([160, 120]) * scale + shift, [240, 130])
+
+
+def test_warp_region_equals_warping_the_padded_square():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    region = (20, 10, 180, 120)
+    square, left, top = pad_to_square(img[10:120, 20:180])
+    landmarks_sq = ARCFACE_112 * 1.2 + np.array([10.0, 30.0])  # in square px
+    landmarks_body = landmarks_sq + np.array([20 - left, 10 - top])
+    ref = warp_face(square, similarity_to_template(landmarks_sq))
+    got = warp_region(img, region, similarity_to_template(landmarks_body))
+    assert np.abs(got.astype(int) - ref).max() <= 1
 
 
 def test_similarity_recovers_a_known_transform():

@@ -80,6 +80,32 @@ def pad_to_square(image: np.ndarray, value: int = 0) -> tuple[np.ndarray, int, i
     return canvas, left, top
 
 
+def detector_canvas(image: np.ndarray, region: tuple[int, int, int, int], size: int,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The official detector input: the pre-crop `region` centred on a black square, resized to `size`.
+
+    Only the region is resized (not the black padding), straight into a `size` x `size` canvas. Returns the
+    canvas and the map back to body-crop px: `body = canvas_px * scale + shift` (scale, shift: (2,) x, y).
+    """
+    import cv2
+
+    x1, y1, x2, y2 = region
+    cw, ch = x2 - x1, y2 - y1
+    side = max(cw, ch)
+    s = size / side
+    rw, rh = max(1, min(size, round(cw * s))), max(1, min(size, round(ch * s)))
+    px, py = round((side - cw) // 2 * s), round((side - ch) // 2 * s)
+    px, py = min(px, size - rw), min(py, size - rh)
+    crop = image[y1:y2, x1:x2]
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[py:py + rh, px:px + rw] = cv2.resize(crop, (rw, rh), interpolation=interp) if (rw, rh) != (cw, ch) \
+        else crop
+    scale = np.array([cw / rw, ch / rh], np.float64)
+    shift = np.array([x1 - px * scale[0], y1 - py * scale[1]], np.float64)
+    return canvas, scale, shift
+
+
 def similarity_to_template(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
     """(2, 3) least-squares similarity (Umeyama, skimage) mapping the 5 landmarks onto the ArcFace template."""
     src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
@@ -104,6 +130,16 @@ def warp_face(image: np.ndarray, matrix: np.ndarray, size: int = 112) -> np.ndar
 
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=(0, 0, 0))
+
+
+def warp_region(image: np.ndarray, region: tuple[int, int, int, int], matrix: np.ndarray,
+                size: int = 112) -> np.ndarray:
+    """`warp_face` of the black-padded pre-crop, without building it: only `region` of `image` is sampled
+    (black elsewhere), `matrix` maps body-crop px to the aligned face."""
+    x1, y1 = region[0], region[1]
+    local = matrix.copy()
+    local[:, 2] = matrix[:, :2] @ np.array([x1, y1], np.float64) + matrix[:, 2]
+    return warp_face(np.ascontiguousarray(image[region[1]:region[3], x1:region[2]]), local, size)
 
 
 def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

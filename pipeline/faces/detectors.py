@@ -158,6 +158,8 @@ class FaceDetector:
     # -- preprocessing --------------------------------------------------------------------------------
     def _letterbox(self, image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
         h, w = image.shape[:2]
+        if h == w == size:  # the stage hands over ready canvases
+            return image, 1.0
         scale = size / max(h, w)
         nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

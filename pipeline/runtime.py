@@ -46,6 +46,12 @@ def ensure_offline_env() -> None:
     """Set the environment so no library reaches beyond loopback. Idempotent; never overrides a user's value."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Ray binds and addresses nodes by the machine's network IP (even for 127.0.0.1 cluster addresses) unless
+    # its "no multi-machine cluster" switch is on; that keeps local Ray and one-machine test clusters on
+    # loopback. A driver that joins a multi-machine cluster sets WEBBODY_RAY_LOOPBACK=0 (docker/compose.yaml).
+    # Read at `import ray`, so this must run before the first import of ray.
+    if os.environ.get("WEBBODY_RAY_LOOPBACK", "1") != "0":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     home = Path(os.environ.get("HOME", str(Path.home())))
     bootstrap = home / "ray_bootstrap_config.yaml"
     if not bootstrap.exists() and os.environ.get("WEBBODY_NO_RAY_BOOTSTRAP") != "1":
@@ -86,7 +92,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local" always starts a fresh in-process cluster: a bare ray.init() would silently join any other
+        # Ray instance running on this machine (another user's, a test cluster) and die with it.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     # Keep Ray Data quiet and ordered: ordered output lets the executor close shards as they complete.
     import ray.data
 

@@ -279,13 +279,13 @@ class Trainer:
         return final
 
     def load(self, path: Path) -> None:
-        main = torch.load(path / "model.pt", map_location=self.device, weights_only=False)
+        main = torch.load(path / "model.pt", map_location=self.device, weights_only=True)
         if main["world"] != self.world:
             raise ValueError(f"{path} was written by {main['world']} ranks; this run has {self.world}")
         self.model.load_state_dict(main["model"])
         self.opt_model.load_state_dict(main["optimizer"])
         self.step = int(main["step"])
-        mine = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        mine = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=True)
         self.head.load_state_dict(mine["head"])
         self.opt_head.load_state_dict(mine["head_optimizer"])
         self.head.generator.set_state(mine["head_generator"])
@@ -392,7 +392,7 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
         path = done[-1]
     if path.is_dir():
         path = path / "model.pt"
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=True)
     model = SapiensID(SapiensIDConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

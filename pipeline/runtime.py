@@ -18,6 +18,9 @@ _ENV_DEFAULTS = {
     "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
+    # Prefect's temporary server (no server configured) needs 12-19 s to start on 2 idle cores, far more
+    # on a loaded machine; its default 20 s start-up timeout then fails the whole run.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
     "YOLO_OFFLINE": "1",
     "YOLO_VERBOSE": "false",

@@ -132,7 +132,11 @@ def render_sample(person: dict[str, Any], face: dict[str, Any] | None, plan: dic
         fb = [float(v) for v in face["face_box"]]
         x1, y1 = geo.map_xy(fb[0], fb[1])
         x2, y2 = geo.map_xy(fb[2], fb[3])
-        face_box = [_r(x1), _r(y1), _r(max(x1, x2)), _r(max(y1, y2))]
+        # A detector box may reach past the body crop's edge (the face sits at the crop border): the record
+        # stores it clipped to the frame, which is what a reader can use.
+        x1, x2 = sorted((min(max(x1, 0.0), size), min(max(x2, 0.0), size)))
+        y1, y2 = sorted((min(max(y1, 0.0), size), min(max(y2, 0.0), size)))
+        face_box = [_r(x1), _r(y1), _r(x2), _r(y2)]
         lm = [float(v) for v in face["face_landmarks"]]
         landmarks = [[_r(c) for c in geo.map_xy(lm[2 * i], lm[2 * i + 1])] for i in range(5)]
         face_score = _r(face["face_score"])

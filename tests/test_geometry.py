@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline.geometry import Transform, clip_box, crop_window, crop_with_fill, letterbox_image, pad_box
 
+# deadline=None everywhere: a loaded CI machine must not turn slowness into failures.
 coord = st.floats(-2000, 2000, allow_nan=False, allow_infinity=False)
 size = st.floats(0, 1500, allow_nan=False, allow_infinity=False)
 frac = st.floats(0, 0.5, allow_nan=False, allow_infinity=False)
@@ -22,6 +23,7 @@ def boxes(draw):
     return np.array([x, y, x + w, y + h])
 
 
+@settings(deadline=None)
 @given(boxes(), frac)
 def test_pad_box_grows_each_side_by_fraction_and_keeps_centre(box, f):
     p = pad_box(box, f)
@@ -40,6 +42,7 @@ def test_pad_box_paper_example_and_bad_box():
         pad_box([10, 0, 5, 5], 0.05)
 
 
+@settings(deadline=None)
 @given(boxes(), st.integers(1, 800), st.integers(1, 800))
 def test_clip_box_stays_inside_image_and_inside_box(box, w, h):
     c = clip_box(box, w, h)
@@ -48,6 +51,7 @@ def test_clip_box_stays_inside_image_and_inside_box(box, w, h):
     assert np.allclose(clip_box(c, w, h), c)
 
 
+@settings(deadline=None)
 @given(boxes())
 def test_crop_window_covers_box_with_integer_edges(box):
     x0, y0, x1, y1 = crop_window(box)
@@ -87,6 +91,7 @@ transforms = st.builds(
 points = st.lists(st.tuples(coord, coord, st.floats(0, 1)), min_size=1, max_size=17)
 
 
+@settings(deadline=None)
 @given(transforms, points)
 def test_transform_round_trip_keeps_points_and_confidence(t, pts):
     arr = np.array(pts)
@@ -96,12 +101,14 @@ def test_transform_round_trip_keeps_points_and_confidence(t, pts):
     assert (there[:, 2] == arr[:, 2]).all()  # confidence is never a coordinate
 
 
+@settings(deadline=None)
 @given(transforms, transforms, points)
 def test_transform_composition_equals_sequential_application(a, b, pts):
     arr = np.array(pts)
     assert np.allclose(a.then(b).points(arr), b.points(a.points(arr)), rtol=1e-9, atol=1e-6)
 
 
+@settings(deadline=None)
 @given(boxes(), points)
 def test_crop_transform_matches_crop_pixels(box, pts):
     window = crop_window(box)
@@ -111,6 +118,7 @@ def test_crop_transform_matches_crop_pixels(box, pts):
     assert np.allclose(local[:, :2] + np.array(window[:2]), arr[:, :2])
 
 
+@settings(deadline=None)
 @given(st.integers(1, 3000), st.integers(1, 3000), st.integers(32, 1024))
 def test_letterbox_transform_puts_image_centred_in_canvas(w, h, s):
     t = Transform.letterbox(w, h, s)

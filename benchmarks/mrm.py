@@ -8,13 +8,14 @@ Both settings run in one process on CPU, interleaved (A, B, A, B, ...) so machin
 FLOPs of one forward+backward are counted with ``torch.utils.flop_counter`` (matmuls, attention);
 the measured speed-up is reported beside the FLOP ratio. Writes ``benchmarks/results/mrm.json``.
 
-Usage: python benchmarks/mrm.py [--batch 2] [--repeats 3] [--preset base]
+Usage: python benchmarks/mrm.py [--batch 2] [--repeats 3] [--preset base] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -60,8 +61,12 @@ def main() -> None:
     ap.add_argument("--preset", default="base")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0 = torch default); 1 avoids barrier stalls on a loaded machine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mrm.json"))
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     cfg = SapiensIDConfig.preset(args.preset)
@@ -99,6 +104,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

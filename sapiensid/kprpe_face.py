@@ -26,6 +26,7 @@ from sapiensid.checkpoint import CheckpointMismatchError, load_strict
 from sapiensid.vit import (
     Block,
     drop_path_rates,
+    expand_buckets,
     gather_contextual_bias,
     grid_bucket_ids,
     init_vit_weights,
@@ -134,9 +135,9 @@ class VisionTransformerWithKPRPE(nn.Module):
             raise ValueError(f"expected keypoints (B, {cfg.num_keypoints}, 2), got {tuple(keypoints.shape)}")
         tokens = self.patch_embed(x) + self.pos_embed
         tables = self.kprpe_tables(keypoints, tokens.shape[1])
-        buckets = self.bucket_ids.unsqueeze(0)
-        for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, offset_bias=gather_contextual_bias(tables[:, i], buckets))
+        index = expand_buckets(self.bucket_ids.unsqueeze(0), x.shape[0], cfg.num_heads)
+        for blk, table in zip(self.blocks, tables.unbind(1)):
+            tokens = blk(tokens, offset_bias=gather_contextual_bias(table, index))
         tokens = self.norm(tokens)
         return tokens.flatten(1)
 

@@ -15,7 +15,7 @@ from sapiensid.kprpe import SapiensKPRPE, keypoint_pe
 from sapiensid.masking import default_keep_count, face_first_offsets, select_tokens
 from sapiensid.retina_patch import RetinaPatch, foreground_tokens, sincos_2d
 from sapiensid.sah import SemanticAttentionHead
-from sapiensid.vit import Block, drop_path_rates, gather_contextual_bias, init_vit_weights
+from sapiensid.vit import Block, drop_path_rates, expand_buckets, gather_contextual_bias, init_vit_weights
 
 FACE_FIRST_MIN_KPS = 13  # face_first applies only to samples with this many valid kp19 points
 
@@ -110,8 +110,12 @@ class MaskedRecognitionModel(nn.Module):
         tables = self.rpe_module.tables(torch.cat([zero_pe, pe, zero_pe], dim=1), token_ok, kp_pe, kp_ok)
         buckets = self.rpe_module.buckets(ids)
 
-        for i, blk in enumerate(self.backbone.blocks):
-            seq = blk(seq, gather_contextual_bias(tables[:, i], buckets), log_count, key_mask)
+        # unbind once: indexing tables[:, i] in the loop would make every layer's backward write a
+        # zero-filled copy of all layers' tables
+        per_layer = tables.unbind(1)
+        index = expand_buckets(buckets, b, cfg.num_heads)
+        for blk, table in zip(self.backbone.blocks, per_layer):
+            seq = blk(seq, gather_contextual_bias(table, index), log_count, key_mask)
         seq = self.backbone.norm(seq)
 
         tokens = seq[:, 1:-1]

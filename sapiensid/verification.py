@@ -23,11 +23,27 @@ ARCFACE_TEMPLATE_112 = np.array(
 )
 
 
+class _BinUnpickler(pickle.Unpickler):
+    """A .bin set is only tuples, lists, bytes and bools (numpy arrays in some re-exports): refuse every
+    other global, so a crafted .bin file cannot run code (docs/security.md)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing global {module}.{name} in a .bin file")
+
+
 def load_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
     """Decode an insightface `.bin` set into RGB uint8 images and the `issame` boolean array."""
     with open(path, "rb") as f:
         try:
-            bins, issame = pickle.load(f, encoding="bytes")
+            bins, issame = _BinUnpickler(f, encoding="bytes").load()
         except Exception as exc:  # a truncated or foreign pickle: say which file
             raise ValueError(f"{path}: not an insightface .bin pair file ({exc})") from exc
     issame = np.asarray(issame, dtype=bool)

@@ -51,7 +51,7 @@ STAGE = "download"
 STAGING = "_img2dataset"
 # Settings that change how fast a download runs, not what it produces: they may change between a run and
 # its resume without invalidating finished shards.
-RUNTIME_ONLY = ("processes_count", "thread_count", "job_rows", "distributor")
+RUNTIME_ONLY = ("processes_count", "thread_count", "job_rows", "distributor", "retry_failed")
 _META_COLS = ["ukey", "status", "error_message", "width", "height", "original_width", "original_height"]
 
 
@@ -167,6 +167,18 @@ def run_img2dataset(cfg: DownloadConfig, urls: list[tuple[str, str]], workdir: P
     return folder
 
 
+def fetch_span(folder: Path) -> float:
+    """Seconds from the first img2dataset shard's start to the last one's end (download work, no start-up)."""
+    spans = []
+    for p in folder.glob("*_stats.json"):
+        try:
+            st = json.loads(p.read_text())
+            spans.append((float(st["start_time"]), float(st["end_time"])))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
+
+
 def _result_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
 
@@ -222,6 +234,7 @@ class Job:
         self.workdir = out.root / STAGING
         self.allow = AllowList(cfg.allow_private_hosts)
         self.fetched: set[str] = set()  # ukeys already handed to a row (a second row reuses the fetch)
+        self.fetch_seconds = 0.0
 
     def run(self) -> None:
         atomic_write_json(self.workdir / "plan.json", {"shards": self.shard_ids})
@@ -247,6 +260,7 @@ class Job:
             folders.append(run_img2dataset(self.cfg, [(k, u) for u, k in ukeys.items()], self.workdir,
                                            self.ray_address, "pass1"))
             outcomes = read_outcomes(folders[0])
+            self.fetch_seconds += fetch_span(folders[0])
             pass_of = {k: 0 for k, o in outcomes.items() if o.status == "success"}
             retry = [k for k, o in outcomes.items() if o.status in RETRYABLE]
             retry += [k for k in by_key if k not in outcomes]  # lost by img2dataset (a crashed sample)
@@ -254,6 +268,7 @@ class Job:
                 log.info("download: retrying %d URLs that failed transiently", len(retry))
                 folders.append(run_img2dataset(self.cfg, [(k, by_key[k]) for k in sorted(retry)], self.workdir,
                                                self.ray_address, "pass2"))
+                self.fetch_seconds += fetch_span(folders[1])
                 for k, o in read_outcomes(folders[1]).items():
                     o.attempts = 2
                     outcomes[k] = o
@@ -332,6 +347,7 @@ def download(cfg: DownloadConfig, manifest_dir: Path, output: Path, overwrite: b
              ray_address: str | None = None) -> dict:
     """Download every pending manifest shard of `manifest_dir` into `output`; returns the roll-up stats."""
     check_config(cfg)
+    t0 = time.perf_counter()
     manifest, out = DatasetDir(manifest_dir), DatasetDir(output)
     prepare_output(_StageInfo(cfg), out, overwrite)
     todo, _done = pending_shards(manifest, out)
@@ -353,9 +369,16 @@ def download(cfg: DownloadConfig, manifest_dir: Path, output: Path, overwrite: b
     elif staging.exists():
         shutil.rmtree(staging, ignore_errors=True)
     jobs += _jobs(manifest, todo, cfg.job_rows)
+    fetch_seconds = 0.0
     for shard_ids in jobs:
-        Job(cfg, manifest, out, shard_ids, ray_address).run()
+        job = Job(cfg, manifest, out, shard_ids, ray_address)
+        job.run()
+        fetch_seconds += job.fetch_seconds
     stats = write_rollup(out, STAGE, manifest.done_ids())
+    # This invocation's timing (a resumed run reports only its own work): wall clock, and the part of it
+    # img2dataset spent downloading (first shard start to last shard end, summed over jobs and passes).
+    stats["run"] = {"jobs": len(jobs), "wall_seconds": round(time.perf_counter() - t0, 3),
+                    "img2dataset_seconds": round(fetch_seconds, 3)}
     notes: Counter = Counter()
     for sid in manifest.done_ids():
         if out.is_done(sid):

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import cv2
 from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
 
@@ -21,6 +22,10 @@ from pipeline.download.images import ImageRejected, encode, normalise, resize
 from pipeline.urlsafety import install_guarded_opener
 
 ALLOW_ENV = "WEBBODY_ALLOW_PRIVATE_HOSTS"
+
+# One OpenCV thread per call: img2dataset already runs `thread_count` images at once per process
+# (img2dataset's own resizer does the same).
+cv2.setNumThreads(1)
 
 
 class WebBodyResizer(Resizer):
@@ -30,17 +35,17 @@ class WebBodyResizer(Resizer):
         try:
             img_stream.seek(0)
             img = normalise(img_stream.read(), self.max_image_area)
-            rgb = resize(
-                img.rgb,
+            bgr = resize(
+                img.bgr,
                 self.image_size,
                 self.resize_mode.name,
                 self.resize_only_if_bigger,
                 self.upscale_interpolation,
                 self.downscale_interpolation,
             )
-            oh, ow = img.rgb.shape[:2]
-            data = encode(rgb, self.encode_format, self.encode_params)
-            return data, rgb.shape[1], rgb.shape[0], ow, oh, None
+            oh, ow = img.bgr.shape[:2]
+            data = encode(bgr, self.encode_format, self.encode_params)
+            return data, bgr.shape[1], bgr.shape[0], ow, oh, None
         except ImageRejected as exc:
             return None, None, None, None, None, str(exc)
         except Exception as exc:  # noqa: BLE001  (one bad image never stops a shard)

@@ -11,7 +11,8 @@ A scraped URL list is untrusted input: a URL naming `http://169.254.169.254/` (c
    fail with "unknown url type".
 
 Residual risk (documented in docs/download.md): with an HTTP(S) proxy configured through the environment,
-the proxy resolves the target itself, so only check 1 and the per-redirect name check apply.
+the proxy resolves the target itself, so the target's name is checked before each request and redirect,
+but a DNS answer that changes between our lookup and the proxy's is not caught.
 
 `allow` is an explicit allow-list (config `download.allow_private_hosts`): host names, addresses or CIDR
 networks, e.g. `["127.0.0.1"]` for tests and the demo, which serve from loopback.
@@ -185,9 +186,28 @@ class _RedirectCheck(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _ProxiedNameCheck(urllib.request.BaseHandler):
+    """With a proxy the connect-time check sees the proxy: vet the target's name before each request."""
+
+    handler_order = 100  # before ProxyHandler rewrites the request's host
+
+    def __init__(self, allow: AllowList):
+        self.allow = allow
+
+    def _check(self, req):
+        parts = urlsplit(req.full_url)
+        if parts.hostname:
+            check_host(parts.hostname, parts.port, self.allow)
+        return req
+
+    http_request = https_request = _check
+
+
 def build_guarded_opener(allow: Iterable[str] = ()) -> urllib.request.OpenerDirector:
     al = AllowList(allow)
     opener = urllib.request.OpenerDirector()
+    if urllib.request.getproxies():
+        opener.add_handler(_ProxiedNameCheck(al))
     for handler in (
         urllib.request.ProxyHandler(),
         urllib.request.UnknownHandler(),

@@ -400,3 +400,20 @@ def test_plain_jpeg_output_is_byte_identical_to_img2dataset_resizer():
         photo.resize(size).save(buf, "JPEG", quality=90)
         a, b = theirs(io.BytesIO(buf.getvalue())), ours(io.BytesIO(buf.getvalue()))
         assert b[-1] is None and a[0] == b[0] and a[1:5] == b[1:5]
+
+
+def test_with_a_proxy_the_target_name_is_still_checked(monkeypatch):
+    # The proxy (a loopback server, allowed) would connect to the target itself; the guarded opener must
+    # refuse the private target by name before sending anything to the proxy.
+    # a proxy receives absolute URLs as the request path
+    with serving({"http://8.8.8.8/x.jpg": Route(200, JPEG, b"img")}) as proxy:
+        monkeypatch.setenv("http_proxy", proxy.base_url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        opener = build_guarded_opener(["127.0.0.1"])
+        with pytest.raises(OSError, match="private_address"):
+            opener.open("http://10.255.255.1/x.jpg", timeout=2)
+        assert sum(proxy.hits.values()) == 0
+        # a public target name goes through the proxy (which answers for it here)
+        assert opener.open("http://8.8.8.8/x.jpg", timeout=2).read() == b"img"
+        assert sum(proxy.hits.values()) == 1

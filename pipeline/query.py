@@ -359,12 +359,32 @@ class ManifestBuilder:
         self.buffer = []
 
 
+def input_fingerprint(cfg: QueryConfig) -> list[list]:
+    """(path, size, mtime) of every input and list file: an edited input makes the output stale."""
+    paths: list[str] = []
+    for inp in cfg.inputs:
+        p = Path(inp.path)
+        paths += [str(f) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+        if isinstance(inp.names, str):
+            paths.append(inp.names)
+    paths += [v for v in (cfg.optout_names, cfg.optout_domains) if isinstance(v, str)]
+    out = []
+    for f in paths:
+        try:
+            st = Path(f).stat()
+            out.append([f, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([f, None, None])  # missing: reported by the reader with a clear error
+    return out
+
+
 def build_manifest(cfg: QueryConfig, output: Path, overwrite: bool = False) -> dict:
     """Write the manifest of `cfg.inputs` into `output`; returns the roll-up stats."""
     if not cfg.inputs:
         raise StageError("query: no inputs configured (set query.inputs: [{path: url.lst}, ...])")
     out = DatasetDir(output)
-    meta = {"stage": STAGE, "config_hash": config_hash(cfg)}
+    meta = {"stage": STAGE, "config_hash": config_hash({"config": cfg.model_dump(mode="json"),
+                                                        "files": input_fingerprint(cfg)})}
     meta_path = out.root / "_stage.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -373,7 +393,8 @@ def build_manifest(cfg: QueryConfig, output: Path, overwrite: bool = False) -> d
         if old != meta and not overwrite:
             raise StageError(
                 f"{out.root} holds '{old.get('stage')}' output made with config {old.get('config_hash')}, "
-                f"this run is '{STAGE}' with config {meta['config_hash']}: use a new output directory or --overwrite"
+                f"this run is '{STAGE}' with config {meta['config_hash']} (the hash covers the settings and the "
+                "input files' sizes and times): use a new output directory or --overwrite"
             )
     out.root.mkdir(parents=True, exist_ok=True)
     out.clean_temporaries()

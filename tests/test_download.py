@@ -417,3 +417,31 @@ def test_with_a_proxy_the_target_name_is_still_checked(monkeypatch):
         # a public target name goes through the proxy (which answers for it here)
         assert opener.open("http://8.8.8.8/x.jpg", timeout=2).read() == b"img"
         assert sum(proxy.hits.values()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ray_distributor_when_a_ray_address_is_set(tmp_path, ray_local, caplog):
+    """With run.ray_address, img2dataset's Ray distributor runs the job on that cluster (here the tests' one)."""
+    import logging
+
+    import ray
+
+    caplog.set_level(logging.INFO, logger="pipeline.download")
+
+    address = ray.get_runtime_context().gcs_address
+    routes = {f"/p{i}.jpg": Route(200, JPEG, jpeg(120 + i, 90)) for i in range(3)}
+    with serving(routes) as server:
+        (tmp_path / "url.lst").write_text("".join(f"{i} A {server.base_url}/p{i}.jpg\n" for i in range(3)))
+        cfg = BuildConfig.model_validate({
+            "run": {"ray_address": address},
+            "query": {"inputs": [{"path": str(tmp_path / "url.lst")}]},
+            "download": {"allow_private_hosts": ["127.0.0.1"], "processes_count": 1, "thread_count": 4},
+        })
+        build_manifest(cfg.query, tmp_path / "query")
+        stats = download_run(cfg, {"query": tmp_path / "query"}, tmp_path / "download")
+    assert stats["rows_out"] == 3 and stats["drops"] == {}
+    assert "3 URLs" in caplog.text and "(ray)" in caplog.text
+    assert not (tmp_path / "download" / "_img2dataset").exists()  # committed and cleaned
+    rows = _rows(tmp_path / "download")
+    assert sorted(Image.open(io.BytesIO(r["image"])).size for r in rows) == [(640, 640)] * 3

@@ -138,3 +138,14 @@ def test_missing_input_is_a_clear_error(tmp_path):
         build_manifest(QueryConfig(inputs=[{"path": str(tmp_path / "nope.lst")}]), tmp_path / "m")
     with pytest.raises(StageError, match="no inputs"):
         build_manifest(QueryConfig(), tmp_path / "m")
+
+
+def test_edited_input_is_not_mistaken_for_a_finished_output(tmp_path):
+    lst = tmp_path / "url.lst"
+    lst.write_text("0 1 http://a.example/x.jpg\n")
+    cfg = QueryConfig(inputs=[{"path": str(lst)}])
+    assert build_manifest(cfg, tmp_path / "m")["rows_out"] == 1
+    lst.write_text("0 1 http://a.example/x.jpg\n1 1 http://a.example/y.jpg\n")
+    with pytest.raises(StageError, match="config"):
+        build_manifest(cfg, tmp_path / "m")
+    assert build_manifest(cfg, tmp_path / "m", overwrite=True)["rows_out"] == 2

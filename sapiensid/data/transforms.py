@@ -91,15 +91,22 @@ def hflip_sample(image: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def square_pad_resize(image: np.ndarray, points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centre the image on a white square (extra pixel right/bottom) and resize to `size`: eval preprocessing."""
+    """Centre the image on a white square (extra pixel right/bottom) and resize to `size`: eval preprocessing.
+
+    Pad then `cv2.resize` (area filter when shrinking): pixel-centre aligned, so a mirrored input gives exactly
+    the mirrored output (flip TTA relies on it). Points are pixel-edge coordinates (0..w)."""
     h, w = image.shape[:2]
     side = max(h, w)
     left, top = (side - w) // 2, (side - h) // 2
+    if side != h or side != w:
+        image = cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT,
+                                   value=(255, 255, 255))
     scale = size / side
+    if side != size:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (size, size), interpolation=interp)
     matrix = np.array([[scale, 0.0, left * scale], [0.0, scale, top * scale]], dtype=np.float64)
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    out = cv2.warpAffine(image, matrix, (size, size), flags=interp, borderValue=(255, 255, 255))
-    return out, _apply_affine(points, matrix, size)
+    return np.ascontiguousarray(image), _apply_affine(points, matrix, size)
 
 
 @dataclass
@@ -168,9 +175,18 @@ def augment(
         img = cv2.GaussianBlur(img, (0, 0), sigmaX=rng.uniform(0.5, 1.5))
     h, w = img.shape[:2]
     # Similarity transform: centre the content box, zoom so its long side spans `zoom` of the canvas.
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
     zoom = rng.uniform(*cfg.scale) * size / max(x2 - x1, y2 - y1, 1)
     zoom = min(zoom, size / max(h, w) * 2.0)  # never blow tiny content up beyond 2x the plain resize
+    if zoom < 0.75:
+        # Shrink with the area filter first (as evaluation does): a strided affine would alias.
+        nw, nh = max(1, int(round(w * zoom))), max(1, int(round(h * zoom)))
+        fx, fy = nw / w, nh / h
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        valid = (pts >= 0).all(axis=1)
+        pts[valid] *= np.array([fx, fy], dtype=pts.dtype)
+        x1, x2, y1, y2 = x1 * fx, x2 * fx, y1 * fy, y2 * fy
+        zoom = zoom / fx
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
     angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg) if rng.random() < cfg.rotate_prob else 0.0
     tx, ty = rng.uniform(-cfg.shift, cfg.shift, size=2) * size
     matrix = cv2.getRotationMatrix2D((cx, cy), angle, zoom)

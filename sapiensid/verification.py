@@ -51,7 +51,8 @@ def load_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
         raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs (need 2 per pair)")
     images = []
     for i, b in enumerate(bins):
-        arr = cv2.imdecode(np.frombuffer(bytes(b), dtype=np.uint8), cv2.IMREAD_COLOR)
+        raw = b.tobytes() if isinstance(b, np.ndarray) else bytes(b)
+        arr = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR)
         if arr is None:
             raise ValueError(f"{path}: image {i} does not decode")
         images.append(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))

@@ -150,3 +150,13 @@ def test_pair_distances_and_bin_roundtrip(tmp_path):
     (tmp_path / "bad.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="bad.bin"):
         load_bin(tmp_path / "bad.bin")
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([Evil()], [True])))
+    with pytest.raises(ValueError, match="posix.system|os.system"):
+        load_bin(tmp_path / "evil.bin")

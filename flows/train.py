@@ -54,25 +54,58 @@ def datasets_from_config(config_path: str | None) -> list[dict[str, Any]]:
     return list(section.get("datasets", []))
 
 
+def pose_keypoint_fn(model: str):
+    """17 body keypoints from an Ultralytics pose model for images that carry none (ReID folders): the most
+    confident person, points with confidence < 0.5 set to -1; the 5 face landmarks stay -1. `model` is a weight
+    path or `asset:yolo11n-pose.pt` (the registry-shipped weights)."""
+    import numpy as np
+
+    if model.startswith("asset:"):
+        from pipeline.assets import asset_path
+
+        model = str(asset_path(model[len("asset:"):]))
+    from ultralytics import YOLO
+
+    yolo = YOLO(model)
+
+    def fn(image):
+        out = np.full((22, 2), -1.0, np.float32)
+        res = yolo.predict(image[:, :, ::-1], verbose=False)[0]  # ultralytics takes BGR arrays
+        if res.keypoints is None or len(res.boxes) == 0:
+            return out
+        best = int(res.boxes.conf.argmax())
+        xy = res.keypoints.xy[best].cpu().numpy()
+        conf = res.keypoints.conf[best].cpu().numpy() if res.keypoints.conf is not None else np.ones(17)
+        ok = conf >= 0.5
+        out[:17][ok] = xy[ok]
+        return out
+
+    return fn
+
+
 def _run_evaluation(checkpoint: str, datasets: list[dict[str, Any]], output: str, device: str,
-                    batch_size: int, flip: bool) -> dict[str, Any]:
+                    batch_size: int, flip: bool, pose_model: str | None = None) -> dict[str, Any]:
     from sapiensid.evaluate import DatasetSpec, evaluate_checkpoint
 
     if not datasets:
         raise ValueError("no evaluation datasets: give --dataset NAME=KIND:PATH or an evaluate.datasets config section")
     specs = [DatasetSpec.from_dict(d) for d in datasets]
-    report = evaluate_checkpoint(checkpoint, specs, output, device, batch_size, flip)
+    kp_fn = pose_keypoint_fn(pose_model) if pose_model else None
+    report = evaluate_checkpoint(checkpoint, specs, output, device, batch_size, flip, kp_fn)
     return {"json": str(report.json_path), "markdown": str(report.markdown_path), "results": report.results}
 
 
 @flow(name="webbody-evaluate", log_prints=True)
 def evaluate_flow(checkpoint: str, datasets: list[dict[str, Any]] | None = None, config_path: str | None = None,
                   output: str = "output/evaluation", device: str = "auto", batch_size: int = 32,
-                  flip: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on ReID folders, verification `.bin` sets and WebBody shards; JSON + markdown."""
+                  flip: bool = True, pose_model: str | None = "asset:yolo11n-pose.pt") -> dict[str, Any]:
+    """Evaluate a checkpoint on ReID folders, verification `.bin` sets and WebBody shards; JSON + markdown.
+    `pose_model` gives keypoints to folder images (shards carry theirs; None: no keypoints)."""
     ensure_offline_env()
-    result = _run_evaluation(checkpoint, datasets or datasets_from_config(config_path), output, device,
-                             batch_size, flip)
+    datasets = datasets or datasets_from_config(config_path)
+    needs_pose = any(d.get("kind") in ("market1501", "ltcc", "prcc") for d in datasets)
+    result = _run_evaluation(checkpoint, datasets, output, device, batch_size, flip,
+                             pose_model if needs_pose else None)
     markdown = Path(result["markdown"]).read_text()
     print(markdown)
     try:
@@ -108,11 +141,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     datasets = list(args.dataset or []) or datasets_from_config(args.config)
     if args.no_prefect:
-        result = _run_evaluation(args.checkpoint, datasets, args.output, args.device, args.batch_size, not args.no_flip)
+        needs_pose = any(d.get("kind") in ("market1501", "ltcc", "prcc") for d in datasets)
+        result = _run_evaluation(args.checkpoint, datasets, args.output, args.device, args.batch_size,
+                                 not args.no_flip, args.pose_model if needs_pose else None)
         print(Path(result["markdown"]).read_text())
     else:
         result = evaluate_flow(args.checkpoint, datasets, None, args.output, args.device, args.batch_size,
-                               not args.no_flip)
+                               not args.no_flip, args.pose_model)
     print(f"report: {result['json']}  {result['markdown']}")
     return 0
 
@@ -137,5 +172,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-flip", action="store_true", help="disable horizontal-flip TTA")
+    e.add_argument("--pose-model", default="asset:yolo11n-pose.pt",
+                   help="pose weights giving keypoints to folder datasets (path or asset:NAME)")
     e.add_argument("--no-prefect", action="store_true", help="run without Prefect")
     e.set_defaults(fn=cmd_evaluate)

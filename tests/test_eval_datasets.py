@@ -117,3 +117,16 @@ def test_flip_tta_is_flip_invariant_and_batch_independent(tiny_model):
     assert np.allclose(together[0], together[1], atol=1e-4)
     im, mask, k = prepare_input(img[:, :200], pts, 96)
     assert im.shape == (96, 96, 3) and mask.shape == (96, 96) and k.shape == (22, 2)
+
+
+@pytest.mark.realmodel
+def test_pose_keypoints_for_folder_images():
+    from flows.train import pose_keypoint_fn
+    from pipeline.assets import asset_path
+
+    img = cv2.cvtColor(cv2.imread(str(asset_path("zidane.jpg"))), cv2.COLOR_BGR2RGB)
+    pts = pose_keypoint_fn("asset:yolo11n-pose.pt")(img)
+    valid = (pts[:17] >= 0).all(axis=1)
+    assert valid.sum() >= 8  # a real person, most joints visible
+    assert (pts[:17][valid, 0] <= img.shape[1]).all() and (pts[:17][valid, 1] <= img.shape[0]).all()
+    assert (pts[17:] == -1).all()

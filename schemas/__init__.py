@@ -2,6 +2,7 @@
 
 from schemas.base import REGISTRY, SchemaError, TableSchema, get_schema, register
 from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
+from schemas.clean import CLEAN, VALSET_CENTERS
 from schemas.faces import FACES
 from schemas.persons import PERSONS
 from schemas.sample import validate_sample
@@ -10,6 +11,7 @@ from schemas.tables import DOWNLOAD, MANIFEST
 __all__ = [
     "BUNDLE_CENTERS",
     "BUNDLE_INDEX",
+    "CLEAN",
     "DOWNLOAD",
     "FACES",
     "MANIFEST",
@@ -19,5 +21,6 @@ __all__ = [
     "TableSchema",
     "get_schema",
     "register",
+    "VALSET_CENTERS",
     "validate_sample",
 ]

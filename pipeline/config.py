@@ -86,14 +86,28 @@ class PersonsConfig(_Strict):
 
 
 class FacesConfig(_Strict):
+    # Detector family: retinaface (biubug6 or insightface output layout) or scrfd (insightface layout only).
     detector: Literal["retinaface", "scrfd"] = "retinaface"
-    detector_model: str = "retinaface_r50.onnx"
-    detector_input: int = Field(160, ge=32)
+    # Paper: RetinaFace-R50 (put it in <cache>/weights/ or give a path); offline demo: "retinaface_mnet025.onnx"
+    # or "scrfd_2.5g_kps.onnx" (both ship in registry packages). None = the family's default name.
+    detector_model: str | None = "retinaface_r50.onnx"
+    # Output layout: biubug6 (loc/conf/landmarks) or insightface (score_s/bbox_s/kps_s); auto = from the outputs.
+    detector_layout: Literal["auto", "biubug6", "insightface"] = "auto"
+    detector_input: int = Field(160, ge=32)  # square side the pre-crop is resized to (fixed-size models: theirs)
+    detector_nms: float = Field(0.4, ge=0, le=1)
+    min_detector_score: float = Field(0.0, ge=0, le=1)  # official: best box kept whatever its score; clean filters
     embedder: Literal["kprpe", "arcface", "dlib"] = "kprpe"
+    # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
+    # weights for tests and benchmarks.
     embedder_model: str | None = None
+    kprpe_size: Literal["base", "tiny"] = "base"
+    dlib_shape_predictor: str = "shape_predictor_5_face_landmarks.dat"
+    keypoint_conf: float = Field(0.5, ge=0, le=1)  # a body keypoint is visible at this YOLO confidence
+    upper_body_margin: float = Field(0.5, ge=0)  # official crop_upper_body_from_body margin
     min_face_size: int = Field(16, ge=1)  # official rule: 2 * face side >= 16 px
     batch_size: int = Field(16, ge=1)
-    device: str = "cpu"
+    device: str = "auto"  # auto = GPU when present (torch/onnxruntime), else CPU
+    num_threads: int | None = Field(None, ge=1)  # per-actor intra-op threads (None = library default)
 
 
 class EmbedderThresholds(_Strict):

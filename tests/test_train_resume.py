@@ -61,3 +61,27 @@ def test_config_and_schedule(shard_dir, tmp_path):
     assert lr_factor(10, 10, 100, 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, 0.01) == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_and_resume(shard_dir, tmp_path):
+    """DDP on CPU (gloo) through torchrun: per-rank classifier shards and loader states, then a resume."""
+    from sapiensid.train import launch_torchrun
+
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(
+        f"train:\n  train_shards: {shard_dir}\n  output_dir: {tmp_path / 'ddp'}\n  model: tiny\n  batch_size: 4\n"
+        "  keep_tokens: 32\n  num_workers: 0\n  max_steps: 4\n  warmup_steps: 1\n  shuffle_buffer: 4\n"
+        "  tensorboard: false\n  progress: false\n  ckpt_every: 2\n"
+    )
+    assert launch_torchrun(str(cfg), 2, ["stop_after=2"]) == 0
+    step2 = tmp_path / "ddp" / "checkpoints" / "step_00000002"
+    assert {p.name for p in step2.iterdir()} == {"model.pt", "rank0.pt", "rank1.pt", "DONE"}
+    r0 = torch.load(step2 / "rank0.pt", weights_only=False)
+    r1 = torch.load(step2 / "rank1.pt", weights_only=False)
+    assert r0["head"]["weight"].shape[0] + r1["head"]["weight"].shape[0] == 8  # classes split over ranks
+    assert r0["loader"]["world"] == 2
+    assert launch_torchrun(str(cfg), 2) == 0  # resumes at step 2, runs to 4
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["step"] == 4
+    assert [h["step"] for h in r0["history"]] == [1, 2]

@@ -24,14 +24,14 @@ JOB_ENV = "WEBBODY_I2D_JOB"
 BLOCK_ENV = "WEBBODY_I2D_BLOCK"
 
 
-def _block_unused_modules() -> None:
+def block_unused_modules() -> None:
     for mod in os.environ.get(BLOCK_ENV, "").split(","):
         if mod and mod not in sys.modules:
             sys.modules[mod] = None  # `import mod` now raises ModuleNotFoundError
 
 
 if os.environ.get(JOB_ENV) == "1":
-    _block_unused_modules()
+    block_unused_modules()
 
 
 def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_address: str | None) -> None:
@@ -47,7 +47,7 @@ def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_
         os.environ[BLOCK_ENV] = "torch" if use_ray else "torch,ray"
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         os.environ.setdefault("WANDB_MODE", "disabled")
-        _block_unused_modules()
+        block_unused_modules()
         sys.modules["__main__"] = sys.modules[__name__]
         from pipeline.download.worker import ALLOW_ENV, GuardedDownloader, WebBodyResizer
 
@@ -65,7 +65,12 @@ def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_
             ensure_offline_env()
             import ray
 
-            ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+            # Ray workers of this job skip the torch import as well (their first act, before any task)
+            runtime_env = {
+                "env_vars": {JOB_ENV: "1", BLOCK_ENV: "torch"},
+                "worker_process_setup_hook": "pipeline.download.child.block_unused_modules",
+            }
+            ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
         i2d_main.download(**params)
     except BaseException:
         traceback.print_exc()

@@ -231,21 +231,15 @@ def test_strict_loading_layouts_and_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_base_loads_synthesised_release_both_layouts(tmp_path):
-    """Full-size check: the 411 M-parameter base model loads a manifest-shaped checkpoint strictly."""
+def test_base_loads_synthesised_release(tmp_path):
+    """Full size: the 411 M-parameter base model loads a manifest-shaped training checkpoint strictly
+    (the flat layout is exercised with the tiny preset above)."""
     manifest = load_manifest(SAPIENSID_MANIFEST)
     state = synth_state(manifest)
-    model = SapiensID(SapiensIDConfig.preset("base"))
-    torch.save(state, tmp_path / "model.pth")
-    load_sapiensid_weights(model, tmp_path / "model.pth")
-    assert torch.equal(model.state_dict()["net.rpe_module.keypoint_linear.fc.2.bias"],
-                       state["net.rpe_module.keypoint_linear.fc.2.bias"])
-    (tmp_path / "model.pth").unlink()
+    probe = "net.rpe_module.keypoint_linear.fc.2.bias"
+    expected = state[probe].clone()
     torch.save({"model_state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pth")
     del state
+    model = SapiensID(SapiensIDConfig.preset("base"))
     load_sapiensid_weights(model, tmp_path / "ckpt.pth")
-    model.eval()
-    images = torch.rand(1, 3, 384, 384) * 2 - 1
-    with torch.no_grad():
-        out = model(images, None, _person_keypoints(1))
-    assert out.shape == (1, 4096) and torch.isfinite(out).all()
+    assert torch.equal(model.state_dict()[probe], expected)

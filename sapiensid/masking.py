@@ -87,20 +87,19 @@ def select_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose kept candidates. Returns ``ids_keep`` (B, n) and ``kept_valid`` (B, n) bool.
 
-    Training: score = invalid + U(0, 0.001) [+ offsets]; ascending sort; keep ``n_keep``.
+    Training: score = invalid + U(0, 0.001) [+ offsets]; ascending sort; keep ``n_keep`` (None: all valid).
     Evaluation (``n_keep`` None): keep all valid tokens in index order (deterministic), padding the batch
     to its largest count (at least one token).
     """
     b, n = valid.shape
     invalid = (~valid).float()
     if training:
-        if n_keep is None:
-            raise ValueError("n_keep is required in training")
         score = invalid + torch.rand(b, n, generator=gen, device=valid.device) * 0.001
         if offsets is not None:
             score = score + offsets
         order = torch.argsort(score, dim=1)
-        count = int(min(max(n_keep, 1), n))
+        # n_keep None in training: no MRM, every valid token (random order), batch padded like evaluation
+        count = int(valid.sum(dim=1).max().clamp(min=1)) if n_keep is None else int(min(max(n_keep, 1), n))
     else:
         order = torch.argsort(invalid, dim=1, stable=True)
         count = int(valid.sum(dim=1).max().clamp(min=1)) if n_keep is None else int(min(max(n_keep, 1), n))

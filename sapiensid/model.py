@@ -56,14 +56,18 @@ class SapiensID(nn.Module):
     def n_candidates(self) -> int:
         return self.config.n_candidates
 
-    def set_keep_tokens(self, n: int) -> None:
-        """Number of candidate tokens kept per sample in training (the MRM keep count)."""
-        if not 1 <= int(n) <= self.config.n_candidates:
+    def set_keep_tokens(self, n: int | None) -> None:
+        """Number of candidate tokens kept per sample in training (the MRM keep count).
+
+        ``None`` switches MRM off: training then keeps every valid token, like evaluation. A forward call's
+        ``n_keep=`` overrides this for that call only.
+        """
+        if n is not None and not 1 <= int(n) <= self.config.n_candidates:
             raise ValueError(f"keep count must be in [1, {self.config.n_candidates}], got {n}")
-        self.net.n_keep = int(n)
+        self.net.n_keep = None if n is None else int(n)
 
     @property
-    def keep_tokens(self) -> int:
+    def keep_tokens(self) -> int | None:
         return self.net.n_keep
 
     def forward(

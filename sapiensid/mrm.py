@@ -54,7 +54,7 @@ class MaskedRecognitionModel(nn.Module):
         )
         self.head = SemanticAttentionHead(cfg.dim, cfg.num_keypoints, cfg.per_query, cfg.output_dim,
                                           cfg.n_datasets, cfg.sah_depth)
-        self.n_keep = default_keep_count(cfg.n_candidates, cfg.mask_ratio)
+        self.n_keep: int | None = default_keep_count(cfg.n_candidates, cfg.mask_ratio)
 
     def forward(
         self,

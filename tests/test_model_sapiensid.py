@@ -112,6 +112,9 @@ def test_keep_count_controls_sequence_length():
     assert torch.allclose(aux["log_count"][:, -1], expected)
     with pytest.raises(ValueError):
         model.set_keep_tokens(0)
+    model.set_keep_tokens(None)  # MRM off: every valid token, as at evaluation
+    _, aux = model.net(images, fg, kps, return_aux=True)
+    assert aux["kept_valid"].sum(1).tolist() == aux["valid"].sum(1).tolist()
 
 
 @pytest.mark.slow
@@ -181,6 +184,8 @@ def test_select_tokens_valid_first():
     assert ok[0, :3].all() and not ok[0, 3]
     ids, ok = select_tokens(valid, None, training=False)
     assert ids.tolist() == [[1, 3, 4]] and ok.all()
+    ids, ok = select_tokens(valid, None, training=True)
+    assert sorted(ids[0].tolist()) == [1, 3, 4] and ok.all()
 
 
 def test_foreground_mask_from_white():

@@ -189,7 +189,8 @@ class RayExecutor:
         todo, done = pending_shards(inp, out)
         if todo:
             if stage.uses_model:
-                gpus = self.actor_gpus if (self.actor_gpus and has_gpu()) else 0.0
+                # On a cluster the driver may have no GPU while worker nodes do: ask Ray, not only torch here.
+                gpus = self.actor_gpus if (self.actor_gpus and (has_gpu() or _cluster_gpus() > 0)) else 0.0
                 self._run_actor_pool(stage, inp, out, todo, gpus)
             else:
                 self._run_tasks(stage, inp, out, todo)
@@ -266,6 +267,12 @@ class RayExecutor:
         missing = [s for s in live if not out.is_done(s)]
         if missing:
             raise StageError(f"{stage.name}: shards {missing} did not receive all their rows")
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def make_executor(kind: str = "local", **kwargs: Any):

@@ -292,10 +292,11 @@ def test_corrupt_model_file_is_a_clear_error(bad_build, tmp_path):
         bad = tmp_path / name
         bad.write_bytes(b"\x00garbage" * 100)
         cfg = load_build_config(str(bad_build["config"]), None, {key: str(bad)})
-        (build / "persons").unlink(missing_ok=True)
-        (build / "persons").symlink_to(bad_build["out"] / "persons")
+        fresh = tmp_path / f"build-{name}"
+        fresh.mkdir()
+        (fresh / "persons").symlink_to(bad_build["out"] / "persons")
         with pytest.raises(StageError, match=name):
-            run_one_stage("faces", cfg, build)
+            run_one_stage("faces", cfg, fresh)
 
 
 def test_config_with_wrong_types_fails_fast(tmp_path):

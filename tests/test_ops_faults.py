@@ -95,7 +95,8 @@ def reference(corpus, tmp_path_factory):
     # A run over a finished build does only start-up work: its duration is the part of each resumed run
     # before it reaches unfinished work. It must also change nothing.
     t0 = time.monotonic()
-    assert run_to_end(build_cmd(corpus, out), env=subprocess_env(), cwd=REPO, log_path=log) == 0
+    assert run_to_end(build_cmd(corpus, out), env=subprocess_env(), cwd=REPO, log_path=log) == 0, \
+        log.read_text()[-4000:]
     startup = time.monotonic() - t0
     assert tree_digests(out, exclude=VOLATILE_FILES) == digests
     return out, digests, {"total_s": elapsed, "startup_s": startup, "work_s": max(elapsed - startup, 1.0)}
@@ -130,7 +131,8 @@ def finish_and_compare(config: Path, out: Path, expected: dict[str, str], execut
     got = tree_digests(out, exclude=VOLATILE_FILES)
     assert diff_trees(expected, got) == []
     # Idempotent: one more run redoes nothing and changes nothing.
-    assert run_to_end(build_cmd(config, out, executor), env=subprocess_env(), cwd=REPO, log_path=log) == 0
+    assert run_to_end(build_cmd(config, out, executor), env=subprocess_env(), cwd=REPO, log_path=log) == 0, \
+        log.read_text()[-4000:]
     assert tree_digests(out, exclude=VOLATILE_FILES) == got
 
 

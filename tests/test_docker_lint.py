@@ -155,7 +155,10 @@ def test_compose_validates(model):
     assert {"postgres", "prefect-server", "prefect-worker", "ray-head", "ray-worker", "ray-gpu-worker"} <= set(services)
     db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert db.startswith("postgresql+asyncpg://") and "@postgres:5432/" in db
-    assert services["prefect-worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    worker_env = services["prefect-worker"]["environment"]
+    assert worker_env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker_env["RAY_ADDRESS"] == "ray-head:6379" and worker_env["WEBBODY_RAY_LOOPBACK"] == "0"
+    assert worker_env["PREFECT_API_AUTH_STRING"] == SECRETS["PREFECT_SERVER_API_AUTH_STRING"]
     assert "--head" in services["ray-head"]["command"]
     assert any(a.startswith("--address=ray-head:") for a in services["ray-worker"]["command"])
     gpu = services["ray-gpu-worker"]

@@ -57,6 +57,7 @@ class DownloadConfig(_Strict):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     max_image_area: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default limit)
+    max_body_bytes: int = Field(50_000_000, ge=1)  # a response body above this is cut off (body_too_large)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
     retry_failed: bool = True  # a second pass over failed URLs
     # auto: img2dataset's Ray distributor when run.ray_address is set, else its multiprocessing one

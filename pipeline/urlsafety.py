@@ -203,7 +203,60 @@ class _ProxiedNameCheck(urllib.request.BaseHandler):
     http_request = https_request = _check
 
 
-def build_guarded_opener(allow: Iterable[str] = ()) -> urllib.request.OpenerDirector:
+class _CappedResponse:
+    """A response whose body may not exceed `cap` bytes (a server streaming gigabytes is cut off)."""
+
+    def __init__(self, response, cap: int):
+        self._response = response
+        self._cap = cap
+        self._read = 0
+
+    def read(self, amt: int | None = None) -> bytes:
+        if amt is None and getattr(self._response, "length", None) is not None:
+            # A Content-Length (already checked against the cap): a plain read keeps http.client's
+            # IncompleteRead for a transfer cut short.
+            data = self._response.read()
+            self._read += len(data)
+            return data
+        if amt is None:  # no length (chunked, or until close): read in pieces, stop past the cap
+            parts = []
+            while piece := self.read(1 << 16):
+                parts.append(piece)
+            return b"".join(parts)
+        data = self._response.read(min(amt, self._cap + 1 - self._read))
+        self._read += len(data)
+        if self._read > self._cap:
+            self._response.close()
+            raise BlockedURL(f"body_too_large: more than {self._cap} bytes")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._response, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._response.close()
+
+
+class _BodyCap(urllib.request.BaseHandler):
+    handler_order = 1100  # after HTTPErrorProcessor: only the final, successful response is wrapped
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def http_response(self, req, response):
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response.close()
+            raise BlockedURL(f"body_too_large: Content-Length {length} > {self.max_bytes}")
+        return _CappedResponse(response, self.max_bytes)
+
+    https_response = http_response
+
+
+def build_guarded_opener(allow: Iterable[str] = (), max_body_bytes: int | None = None) -> urllib.request.OpenerDirector:
     al = AllowList(allow)
     opener = urllib.request.OpenerDirector()
     if urllib.request.getproxies():
@@ -218,17 +271,19 @@ def build_guarded_opener(allow: Iterable[str] = ()) -> urllib.request.OpenerDire
         urllib.request.HTTPErrorProcessor(),
     ):
         opener.add_handler(handler)
+    if max_body_bytes:
+        opener.add_handler(_BodyCap(max_body_bytes))
     return opener
 
 
-_installed: tuple[str, ...] | None = None
+_installed: tuple | None = None
 
 
-def install_guarded_opener(allow: Iterable[str] = ()) -> None:
+def install_guarded_opener(allow: Iterable[str] = (), max_body_bytes: int | None = None) -> None:
     """Make `urllib.request.urlopen` (used by img2dataset) go through the guarded opener in this process."""
     global _installed
-    key = tuple(sorted(allow))
+    key = (tuple(sorted(allow)), max_body_bytes)
     if _installed == key:
         return
-    urllib.request.install_opener(build_guarded_opener(key))
+    urllib.request.install_opener(build_guarded_opener(key[0], max_body_bytes))
     _installed = key

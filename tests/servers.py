@@ -32,6 +32,7 @@ class Route:
     body: bytes = b""
     delay: float = 0.0  # seconds to wait before sending the response (to exceed a client timeout)
     # Send only this many bytes of `body` while announcing its full Content-Length (a cut-off transfer).
+    # (A "Content-Length": "" header omits the length: the body then ends when the connection closes.)
     truncate_to: int | None = None
 
 
@@ -86,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(route.status)
             headers = dict(route.headers)
             headers.setdefault("Content-Length", str(len(route.body)))
+            if headers["Content-Length"] == "":
+                del headers["Content-Length"]  # no length: the body ends when the connection closes
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Connection", "close")

@@ -154,7 +154,7 @@ def run_img2dataset(cfg: DownloadConfig, urls: list[tuple[str, str]], workdir: P
     log_path = workdir / f"{tag}.log"
     proc = ctx.Process(
         target=child_main,
-        args=(params, list(cfg.allow_private_hosts), str(log_path), ray_address),
+        args=(params, list(cfg.allow_private_hosts), str(log_path), ray_address, cfg.max_body_bytes),
         name=f"img2dataset-{tag}",
     )
     t0 = time.perf_counter()

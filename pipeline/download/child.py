@@ -34,7 +34,8 @@ if os.environ.get(JOB_ENV) == "1":
     block_unused_modules()
 
 
-def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_address: str | None) -> None:
+def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_address: str | None,
+               max_body_bytes: int | None = None) -> None:
     """Run one img2dataset job with our classes (worker.py); all output goes to `log_path`."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -49,9 +50,10 @@ def child_main(params: dict, allow_private_hosts: list[str], log_path: str, ray_
         os.environ.setdefault("WANDB_MODE", "disabled")
         block_unused_modules()
         sys.modules["__main__"] = sys.modules[__name__]
-        from pipeline.download.worker import ALLOW_ENV, GuardedDownloader, WebBodyResizer
+        from pipeline.download.worker import ALLOW_ENV, MAX_BODY_ENV, GuardedDownloader, WebBodyResizer
 
         os.environ[ALLOW_ENV] = json.dumps(list(allow_private_hosts))
+        os.environ[MAX_BODY_ENV] = str(max_body_bytes or 0)
         # `img2dataset.main` the attribute is the CLI function; the module is reached through importlib
         i2d_main = importlib.import_module("img2dataset.main")
         for attr in ("Resizer", "Downloader", "download"):

@@ -29,6 +29,7 @@ RETRYABLE = frozenset(
 # Codes our own resizer (images.py) and URL guard (urlsafety.py) put at the start of a message.
 OWN_CODES = (
     "private_address",
+    "body_too_large",
     "bad_url",
     "dns_error",
     "empty_body",

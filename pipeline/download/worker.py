@@ -22,6 +22,7 @@ from pipeline.download.images import ImageRejected, encode, normalise, resize
 from pipeline.urlsafety import install_guarded_opener
 
 ALLOW_ENV = "WEBBODY_ALLOW_PRIVATE_HOSTS"
+MAX_BODY_ENV = "WEBBODY_MAX_BODY_BYTES"
 
 # One OpenCV thread per call: img2dataset already runs `thread_count` images at once per process
 # (img2dataset's own resizer does the same).
@@ -59,7 +60,8 @@ class GuardedDownloader(Downloader):
         super().__init__(*args, **kwargs)
         # Read here, in the job process, and pickled with the instance into every worker (Ray included).
         self.allow_private_hosts = json.loads(os.environ.get(ALLOW_ENV, "[]"))
+        self.max_body_bytes = int(os.environ.get(MAX_BODY_ENV, "0")) or None
 
     def __call__(self, row):
-        install_guarded_opener(self.allow_private_hosts)
+        install_guarded_opener(self.allow_private_hosts, self.max_body_bytes)
         return super().__call__(row)

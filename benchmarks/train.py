@@ -121,7 +121,9 @@ def main() -> int:
     print(table)
     out = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "device": str(device), "torch_threads": torch.get_num_threads()},
+                    "device": str(device), "torch_threads": torch.get_num_threads(),
+                    # Shared machines: a high load average means the figures are lower bounds.
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
         "trainer": rows_train, "loader": rows_loader, "trainer_need_samples_per_s": need, "table": table,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry_downloads(args: argparse.Namespace) -> int:
+    from flows.build import load_build_config
+    from pipeline.download import RETRYABLE, retry_failed_urls
+
+    cfg = load_build_config(args.config, args.ray_address, _parse_overrides(args.set))
+    codes = frozenset(args.codes.split(",")) if args.codes else RETRYABLE
+    result = retry_failed_urls(cfg, Path(args.dir), codes)
+    print(json.dumps(result))
+    if result.get("recovered"):
+        print("download shards changed: re-run the later stages with --overwrite to pick up the new images")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -122,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(fn=cmd_stage)
+
+    r = sub.add_parser("retry-downloads", help="re-fetch the failed URLs of a finished download stage")
+    r.add_argument("dir", help="the download stage's directory (<build>/download)")
+    r.add_argument("--config", help="the build's YAML config (download settings)")
+    r.add_argument("--codes", help="comma-separated status codes to retry (default: the transient ones)")
+    r.add_argument("--ray-address")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE")
+    r.set_defaults(fn=cmd_retry_downloads)
 
     st = sub.add_parser("stats", help="print the funnel of a build (or a stage's roll-up)")
     st.add_argument("dir")

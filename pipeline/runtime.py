@@ -22,16 +22,16 @@ _ENV_DEFAULTS = {
     # on a loaded machine; its default 20 s start-up timeout then fails the whole run.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
-    "YOLO_OFFLINE": "1",
     "YOLO_VERBOSE": "false",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "WANDB_MODE": "disabled",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Data progress bars per operator are noisy in logs; the CLI has its own.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
+
+
+_OFFLINE_SWITCHES = ("YOLO_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def cache_dir() -> Path:
@@ -49,6 +49,11 @@ def ensure_offline_env() -> None:
     """Set the environment so no library reaches beyond loopback. Idempotent; never overrides a user's value."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Weight downloads (Ultralytics, Hugging Face) stay off unless the user opts in with WEBBODY_OFFLINE=0:
+    # online users then get the official weights by name; the default never leaves the machine.
+    if os.environ.setdefault("WEBBODY_OFFLINE", "1") != "0":
+        for key in _OFFLINE_SWITCHES:
+            os.environ.setdefault(key, "1")
     # Ray binds and addresses nodes by the machine's network IP (even for 127.0.0.1 cluster addresses) unless
     # its "no multi-machine cluster" switch is on; that keeps local Ray and one-machine test clusters on
     # loopback. A driver that joins a multi-machine cluster sets WEBBODY_RAY_LOOPBACK=0 (docker/compose.yaml).

@@ -25,6 +25,9 @@ def _run_training(config_path: str, overrides: dict[str, Any] | None, nproc: int
 
     cfg = TrainConfig.from_yaml(config_path, overrides)
     if ray_workers > 0:
+        from pipeline.runtime import init_ray
+
+        init_ray(ray_address)
         return train_with_ray(cfg, ray_workers, use_gpu, ray_address)
     if nproc > 1:
         sets = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]

@@ -425,9 +425,11 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, use_gpu: bool = False, ad
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import init_ray
+    import ray
 
-    init_ray(address)
+    # The caller (flows/train.py) starts Ray offline-safe; sapiensid stays free of pipeline imports.
+    if not ray.is_initialized():
+        ray.init(address=address or "local", include_dashboard=False)
     cfg_dict = cfg.to_dict()
 
     def loop(config: dict) -> None:

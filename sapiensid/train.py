@@ -422,10 +422,9 @@ def launch_torchrun(config: str, nproc: int, overrides: list[str] | None = None)
 
 def train_with_ray(cfg: TrainConfig, num_workers: int, use_gpu: bool = False, address: str | None = None) -> dict:
     """Data-parallel training on a Ray cluster with Ray Train's TorchTrainer (each worker runs Trainer)."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import ray
 
     # The caller (flows/train.py) starts Ray offline-safe; sapiensid stays free of pipeline imports.
     if not ray.is_initialized():

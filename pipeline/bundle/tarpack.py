@@ -18,17 +18,15 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 FIXED_MTIME = 0
 FIXED_MODE = 0o444
 TAR_FORMAT = tarfile.USTAR_FORMAT  # plain 512-byte headers; every reader understands them
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):  # a NamedTuple: built three times per sample, it must be cheap
     name: str
     offset: int  # header start
     data_offset: int
@@ -56,6 +54,13 @@ _CHKSUM = slice(148, 156)
 # The checksum is the byte sum with its own field as spaces; only name and size vary, so sum the rest once.
 _BASE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:])
 _RECORD = tarfile.RECORDSIZE
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
+_NAME_PAD = bytes(100)
+_MID1 = _TEMPLATE[100:124]  # mode, uid, gid
+_MID2 = _TEMPLATE[136:148]  # mtime
+_TAIL = _TEMPLATE[155:]  # the checksum field's trailing space, typeflag, magic, ... padding
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -64,11 +69,9 @@ def ustar_header(name: str, size: int) -> bytes:
     if len(raw) > 100 or size >= 8**11:
         return _encode_header(_info(name, size))
     size_field = b"%011o\0" % size
-    h = bytearray(_TEMPLATE)
-    h[0:100] = raw.ljust(100, b"\0")
-    h[124:136] = size_field
-    h[148:155] = b"%06o\0" % (_BASE_SUM + sum(raw) + sum(size_field))
-    return bytes(h)
+    chksum = b"%06o\0" % (_BASE_SUM + sum(raw) + sum(size_field))
+    # One join of prebuilt pieces: a third of the cost of patching a copied template.
+    return b"".join((raw, _NAME_PAD[len(raw):], _MID1, size_field, _MID2, chksum, _TAIL))
 
 
 class ShardWriter:
@@ -78,19 +81,21 @@ class ShardWriter:
         self._fh = fileobj
         self._offset = 0
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> list[Member]:
+    def add(self, key: str, members: list[tuple[str, bytes]] | list[tuple[str, bytes, str]]) -> list[Member]:
+        """Append one sample's members. A member may carry its sha256 (hex) already: the bundle stage hashes
+        while rendering (the parallel part of the work), so the sequential writer only writes."""
         out = []
-        for ext, data in members:
+        parts: list[bytes] = []
+        for member in members:
+            ext, data = member[0], member[1]
+            digest = member[2] if len(member) > 2 else hashlib.sha256(data).hexdigest()
             name = f"{key}.{ext}"
             header_at = self._offset
             pad = -len(data) % tarfile.BLOCKSIZE
-            self._fh.write(ustar_header(name, len(data)))
-            self._fh.write(data)
-            if pad:
-                self._fh.write(b"\0" * pad)
+            parts += (ustar_header(name, len(data)), data, _ZEROS[:pad])
             self._offset += tarfile.BLOCKSIZE + len(data) + pad
-            out.append(Member(name, header_at, header_at + tarfile.BLOCKSIZE, len(data),
-                              hashlib.sha256(data).hexdigest()))
+            out.append(Member(name, header_at, header_at + tarfile.BLOCKSIZE, len(data), digest))
+        self._fh.write(b"".join(parts))  # one write per sample: its members are contiguous anyway
         return out
 
     @property

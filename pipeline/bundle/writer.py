@@ -11,6 +11,7 @@ A killed run resumes: a shard whose tar and parts agree is kept, any other is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -94,6 +95,8 @@ def pack_shard(out_dir: str, shard: str, planned: list[Planned], persons_dir: st
                 log.warning("bundle %s: %s dropped (%s): %s", shard, p.person_id, exc.reason, exc)
                 continue
             outside += n_out
+            # Hash each member here, with the rendering, so the shard writer below only writes bytes.
+            members = [(ext, data, hashlib.sha256(data).hexdigest()) for ext, data in members]
             rendered.append((p, members, meta))
     order = {p.person_id: i for i, p in enumerate(planned)}
     rendered.sort(key=lambda r: order[r[0].person_id])
@@ -101,7 +104,7 @@ def pack_shard(out_dir: str, shard: str, planned: list[Planned], persons_dir: st
     def fill(writer) -> list[dict]:
         rows = []
         for pos, (p, members, meta) in enumerate(rendered):
-            m = {ext: mem for (ext, _), mem in zip(members, writer.add(p.key, members))}
+            m = {mem_in[0]: mem for mem_in, mem in zip(members, writer.add(p.key, members))}
             npy = m.get("face.npy")
             rows.append({
                 "key": p.key, "split": p.split, "shard": shard, "position": pos,

@@ -20,7 +20,12 @@ from sapiensid.train import TrainConfig, Trainer
 N_IDENTITIES = 24
 TRAIN_PER_IDENTITY = 12
 HELD_OUT_PER_IDENTITY = 4
-STEPS = 120
+STEPS = 200
+# Test settings: MRM keeps 96 of the tiny model's 432 candidate tokens
+# (48 left too few for a 2-layer model: held-out top-1 ~46 % after 120 steps), and the AdaFace margin is 0.2
+# instead of the paper's 0.4 because 24 identities x 12 images converge too slowly at 0.4 on CPU.
+KEEP_TOKENS = 96
+ADAFACE_M = 0.2
 
 
 @pytest.mark.slow
@@ -37,8 +42,8 @@ def test_tiny_model_learns_identities_on_cpu(tmp_path):
 
     cfg = TrainConfig(
         train_shards=str(tmp_path / "train"), output_dir=str(tmp_path / "run"), model="tiny",
-        batch_size=32, keep_tokens=48, num_workers=1, shuffle_buffer=300, lr=3e-3, warmup_steps=15,
-        max_steps=STEPS, weight_decay=0.05, ckpt_every=10_000, tensorboard=False, progress=True, seed=0,
+        batch_size=32, keep_tokens=KEEP_TOKENS, num_workers=1, shuffle_buffer=300, lr=3e-3, warmup_steps=20,
+        max_steps=STEPS, adaface_m=ADAFACE_M, weight_decay=0.05, ckpt_every=10_000, tensorboard=False, progress=True, seed=0,
     )
     trainer = Trainer(cfg)
     summary = trainer.fit()

@@ -57,7 +57,14 @@ def normalise(data: bytes, max_area: float) -> Normalised:
     except UnidentifiedImageError as exc:
         raise ImageRejected("not_an_image", f"{len(data)} bytes, starts {data[:16]!r}") from exc
     except Exception as exc:  # noqa: BLE001  (Pillow raises many types for broken headers)
+        # Plugins registered by other libraries (imported elsewhere in the process) may raise their own
+        # error types on non-image bytes instead of UnidentifiedImageError: sniff the signature to decide.
+        if not _has_image_signature(data):
+            raise ImageRejected("not_an_image", f"{len(data)} bytes, starts {data[:16]!r}") from exc
         raise _decode_failure(exc) from exc
+    if not _has_image_signature(data) and im.format not in _ACCEPTED_FORMATS:
+        # identified by some exotic plugin (e.g. text-based formats), but not a web image
+        raise ImageRejected("not_an_image", f"{len(data)} bytes read as {im.format}, starts {data[:16]!r}")
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageRejected("decode_error", f"size {w}x{h}")
@@ -89,6 +96,17 @@ def normalise(data: bytes, max_area: float) -> Normalised:
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("decode_error", str(exc)) from exc
     return Normalised(bgr, tuple(notes))
+
+
+_ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "AVIF", "HEIF"}
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\0", b"MM\0*", b"\0\0\1\0")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    head = data[:16]
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return True
+    return head.startswith(_SIGNATURES) or head[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1")
 
 
 def _decode_failure(exc: Exception) -> ImageRejected:

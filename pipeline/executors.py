@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.progress import progress
 from pipeline.rollup import write_rollup
-from pipeline.shards import DatasetDir, atomic_write_json
+from pipeline.shards import DatasetDir, OutputClaimError, claim_output
 from pipeline.stage import BatchResult, ShardStage, StageError, add_batch_stats, new_shard_stats
 
 log = logging.getLogger(__name__)
@@ -45,21 +45,15 @@ def prepare_output(stage: ShardStage, out: DatasetDir, overwrite: bool = False) 
     """Check the output belongs to this stage and config; a different config must not mix shards."""
     out.root.mkdir(parents=True, exist_ok=True)
     out.clean_temporaries()
-    meta_path = out.root / "_stage.json"
     meta = {"stage": stage.name, "config_hash": stage.config_hash()}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            if not overwrite:
-                raise StageError(
-                    f"{out.root} holds '{old.get('stage')}' output made with config {old.get('config_hash')}, "
-                    f"but this run is '{stage.name}' with config {meta['config_hash']}: use a new output "
-                    "directory, or pass overwrite=True (--overwrite) to redo every shard"
-                )
-            for sid in out.shard_ids():
-                out.marker(sid).unlink(missing_ok=True)
-            (out.root / "stats.json").unlink(missing_ok=True)
-    atomic_write_json(meta_path, meta)
+    try:
+        changed = claim_output(out.root, meta, overwrite)
+    except OutputClaimError as exc:
+        raise StageError(f"{exc} (config differs)") from None
+    if changed:
+        for sid in out.shard_ids():
+            out.marker(sid).unlink(missing_ok=True)
+        (out.root / "stats.json").unlink(missing_ok=True)
 
 
 def pending_shards(inp: DatasetDir, out: DatasetDir) -> tuple[list[str], list[str]]:

@@ -146,3 +146,31 @@ class DatasetDir:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+
+def claim_output(root: Path, meta: dict, overwrite: bool) -> bool:
+    """Record in `root/_stage.json` which stage and config own this output directory.
+
+    Returns True when an earlier run with a different `meta` owned it (the caller then discards that
+    run's results); raises ValueError with what to do when that happens without `overwrite`, so two
+    configs never mix in one directory. Shared by the per-shard executors and the bundle.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "_stage.json"
+    changed = False
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            if not overwrite:
+                raise OutputClaimError(
+                    f"{root} holds output of {old}, but this run is {meta}: use a new output directory, "
+                    "or pass overwrite=True (--overwrite) to redo it"
+                )
+            changed = True
+    atomic_write_json(path, meta)
+    return changed
+
+
+class OutputClaimError(ValueError):
+    pass
+

@@ -29,7 +29,14 @@ from pipeline.bundle.render import RenderError, face_npy, render_sample, visible
 from pipeline.bundle.tarpack import write_shard_atomic
 from pipeline.config import BuildConfig, BundleConfig
 from pipeline.progress import progress
-from pipeline.shards import DatasetDir, atomic_write_json, atomic_write_parquet, file_sha256
+from pipeline.shards import (
+    DatasetDir,
+    OutputClaimError,
+    atomic_write_json,
+    atomic_write_parquet,
+    claim_output,
+    file_sha256,
+)
 from pipeline.stage import StageError, config_hash
 from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
 
@@ -147,21 +154,15 @@ def _prepare(out: Path, meta: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for tmp in list(out.glob(".*.tmp")) + list((out / "_parts").glob(".*.tmp")):
         tmp.unlink(missing_ok=True)
-    path = out / "_stage.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != meta:
-            if not overwrite:
-                raise StageError(
-                    f"{out} holds a bundle made from another selection or config ({old.get('config_hash')}, "
-                    f"plan {old.get('plan')}); this run is {meta['config_hash']}, plan {meta['plan']}: use a new "
-                    "output directory or --overwrite"
-                )
-            for p in list(out.glob("webbody-*.tar")) + list((out / "_parts").glob("*")):
-                p.unlink()
-            for name in ("index.parquet", "centers.parquet", "stats.json", "report.html"):
-                (out / name).unlink(missing_ok=True)
-    atomic_write_json(path, meta)
+    try:
+        changed = claim_output(out, meta, overwrite)
+    except OutputClaimError as exc:
+        raise StageError(f"{exc} (another selection or config)") from None
+    if changed:
+        for p in list(out.glob("webbody-*.tar")) + list((out / "_parts").glob("*")):
+            p.unlink()
+        for name in ("index.parquet", "centers.parquet", "stats.json", "report.html"):
+            (out / name).unlink(missing_ok=True)
 
 
 def sibling_funnel(output: Path) -> list[dict]:

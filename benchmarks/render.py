@@ -1,0 +1,171 @@
+"""Render the tables of `docs/benchmarks.md` (and other docs) from `benchmarks/results/*.json`.
+
+Prose in the docs is written by hand; every *figure* sits between markers and is generated here, so a doc
+and its JSON cannot disagree:
+
+    <!-- results:headlines -->             every headline of every result file, one table
+    <!-- /results:headlines -->
+    <!-- results:NAME -->                  the headlines of results/NAME.json, with spread and conditions
+    <!-- /results:NAME -->
+    <!-- results:NAME:details.PATH -->     a list of dicts (or a dict of dicts) at that path, as a table
+    <!-- /results:NAME:details.PATH -->
+
+Usage: python benchmarks/render.py [--check] [DOC ...]   (default: docs/benchmarks.md docs/operations.md)
+`--check` writes nothing and exits 1 when a doc is out of date (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DOCS = ("docs/benchmarks.md", "docs/operations.md")
+
+BLOCK = re.compile(r"(<!-- results:(?P<key>[^ ]+?) -->\n)(?P<body>.*?)(<!-- /results:(?P=key) -->)", re.S)
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"render: {path} does not exist (run benchmarks/{name}.py first)")
+    return json.loads(path.read_text())
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, list | tuple):
+        return ", ".join(fmt(x) for x in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _met(h: dict) -> str:
+    met = h.get("met")
+    return "" if met is None else ("met" if met else "**not met**")
+
+
+def _spread(h: dict) -> str:
+    if h.get("min") is None and h.get("max") is None:
+        return "-"
+    return f"{fmt(h.get('min'))} .. {fmt(h.get('max'))}"
+
+
+def _conditions(doc: dict) -> str:
+    env = doc.get("env", {})
+    la0, la1 = env.get("loadavg_start"), env.get("loadavg_end")
+    load_s = f"load {fmt(la0[0]) if la0 else '?'} -> {fmt(la1[0]) if la1 else '?'}"
+    return f"{env.get('started', '?')}, {load_s}, {env.get('cpus', '?')} CPUs"
+
+
+def headline_rows(name: str, doc: dict) -> list[str]:
+    rows = []
+    for key, h in doc.get("headline", {}).items():
+        unit = f" {h['unit']}" if h.get("unit") and h["unit"] != "x" else ""
+        note = f" ({fmt(h['note'])})" if h.get("note") else ""
+        rows.append(f"| `{name}.json` | `{key}` | {fmt(h.get('value'))}{unit}{note} | {_spread(h)} | "
+                    f"{fmt(h.get('pairs'))} | {fmt(h.get('target'))} | {_met(h)} |")
+    if not doc.get("headline"):
+        rows.append(f"| `{name}.json` | - | (no paired headline in this file) | - | - | - | |")
+    return rows
+
+
+HEAD = ["| file | key | value | spread (min .. max) | pairs | target | |", "|---|---|---|---|---|---|---|"]
+
+
+def render_headlines() -> str:
+    lines = list(HEAD)
+    for path in sorted(RESULTS.glob("*.json")):
+        lines += headline_rows(path.stem, json.loads(path.read_text()))
+    return "\n".join(lines) + "\n"
+
+
+def render_one(name: str) -> str:
+    doc = load(name)
+    lines = list(HEAD) + headline_rows(name, doc)
+    lines.append("")
+    lines.append(f"Measured {_conditions(doc)}; arguments `{fmt(doc.get('env', {}).get('argv') or [])}`.")
+    return "\n".join(lines) + "\n"
+
+
+def _dig(doc: dict, path: str) -> Any:
+    cur: Any = doc
+    for part in path.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            raise SystemExit(f"render: no {path!r} in results")
+    return cur
+
+
+def render_table(name: str, path: str) -> str:
+    data = _dig(load(name), path)
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        rows = [{"": k, **v} for k, v in data.items()]
+    elif isinstance(data, list) and all(isinstance(v, dict) for v in data):
+        rows = data
+    elif isinstance(data, dict):
+        rows = [{"key": k, "value": v} for k, v in data.items()]
+    else:
+        raise SystemExit(f"render: {name}:{path} is not a table")
+    cols: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in cols and not isinstance(v, dict):
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_key(key: str) -> str:
+    if key == "headlines":
+        return render_headlines()
+    name, _, path = key.partition(":")
+    return render_table(name, path) if path else render_one(name)
+
+
+def render_doc(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render_key(m.group("key")) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("docs", nargs="*", default=list(DEFAULT_DOCS))
+    ap.add_argument("--check", action="store_true", help="exit 1 when a doc is out of date; write nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for rel in args.docs:
+        path = ROOT / rel
+        if not path.exists():
+            continue
+        old = path.read_text()
+        new = render_doc(old)
+        if new != old:
+            stale.append(rel)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print("out of date (run python benchmarks/render.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    if not args.check:
+        print("rendered: " + (", ".join(stale) if stale else "nothing changed"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

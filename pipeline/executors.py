@@ -141,7 +141,8 @@ def _concat(stage: Stage, parts: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def run_shard(stage: ShardStage, inp: DatasetDir, out: DatasetDir, shard_id: str) -> dict:
+def run_shard(stage: ShardStage, inp: DatasetDir, out: DatasetDir, shard_id: str,
+              had_marker: bool | None = None) -> dict:
     """Process one input shard and commit the output shard with the same id; returns its stats."""
     stage.ensure_setup()
     t0 = time.perf_counter()
@@ -153,12 +154,12 @@ def run_shard(stage: ShardStage, inp: DatasetDir, out: DatasetDir, shard_id: str
     del table
     result = stage.finalize_shard(_concat(stage, parts))
     stats["seconds"] = round(time.perf_counter() - t0, 3)
-    out.commit_shard(shard_id, result, stats)
+    out.commit_shard(shard_id, result, stats, had_marker=had_marker)
     return stats
 
 
 def run_planned_unit(stage: PlannedStage, unit: WorkUnit, inputs: dict[str, DatasetDir], out: DatasetDir,
-                     attempt: int = 0) -> dict:
+                     attempt: int = 0, had_marker: bool | None = None) -> dict:
     """Run one work unit and commit its shard (extra objects, parquet, stats, marker); returns its stats."""
     stage.ensure_setup()
     t0 = time.perf_counter()
@@ -174,7 +175,7 @@ def run_planned_unit(stage: PlannedStage, unit: WorkUnit, inputs: dict[str, Data
         stats["drops"] = dict(sorted((k, int(v)) for k, v in res.drops.items() if v))
         stats.update({k: v for k, v in res.extra_stats.items() if k not in stats})
         stats["seconds"] = round(time.perf_counter() - t0, 3)
-        out.commit_shard(unit.id, table, stats, files=res.files)
+        out.commit_shard(unit.id, table, stats, files=res.files, had_marker=had_marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _remove_work(work_uri)
@@ -200,14 +201,15 @@ class _Job:
     unit: WorkUnit | None  # None for a ShardStage (the unit is the input shard `unit_id`)
     inputs: dict[str, DatasetDir]
     out: DatasetDir
+    had_marker: bool = False  # the driver's listing showed a (stale) marker: the commit removes it first
 
 
 def execute_unit(stage: Stage, job: _Job, attempt: int = 0) -> dict:
     if isinstance(stage, PlannedStage):
         assert job.unit is not None
-        return run_planned_unit(stage, job.unit, job.inputs, job.out, attempt)
+        return run_planned_unit(stage, job.unit, job.inputs, job.out, attempt, job.had_marker)
     assert isinstance(stage, ShardStage)
-    return run_shard(stage, job.inputs["input"], job.out, job.unit_id)
+    return run_shard(stage, job.inputs["input"], job.out, job.unit_id, job.had_marker)
 
 
 # -- planning: the same for every executor ------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def plan_run(stage: Stage, inputs: InputsArg, output: Any, overwrite: bool = Fal
                 raise StageError(f"{stage.name}: unit id {u.id!r} is not a shard id (5+ digits)")
         out.listing(refresh=True)
         done = [u.id for u in units if out.is_done(u.id)]
-        jobs = [_Job(u.id, u, ins, out) for u in units if not out.is_done(u.id)]
+        jobs = [_Job(u.id, u, ins, out, _has_marker(out, u.id)) for u in units if not out.is_done(u.id)]
         return _Plan(stage, ins, out, jobs, done, ids, ctx)
     if not isinstance(stage, ShardStage):
         raise StageError(f"{type(stage).__name__} is neither a ShardStage nor a PlannedStage")
@@ -260,7 +262,12 @@ def plan_run(stage: Stage, inputs: InputsArg, output: Any, overwrite: bool = Fal
         raise StageError(f"stage {stage.name} needs an input directory")
     prepare_output(stage, out, overwrite)
     todo, done = pending_shards(ins["input"], out)
-    return _Plan(stage, ins, out, [_Job(s, None, ins, out) for s in todo], done, ins["input"].done_ids())
+    jobs = [_Job(s, None, ins, out, _has_marker(out, s)) for s in todo]
+    return _Plan(stage, ins, out, jobs, done, ins["input"].done_ids())
+
+
+def _has_marker(out: DatasetDir, shard_id: str) -> bool:
+    return f"part-{shard_id}.done" in out.listing()
 
 
 def finish_run(plan: _Plan, run_info: dict | None = None) -> dict:

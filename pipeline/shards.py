@@ -234,15 +234,19 @@ class DatasetDir:
             self._note(n, None)
 
     def commit_shard(self, shard_id: str, table: pa.Table, stats: dict,
-                     files: Mapping[str, bytes | Path] | None = None) -> dict:
+                     files: Mapping[str, bytes | Path] | None = None, had_marker: bool | None = None) -> dict:
         """The contract's write order: extra objects, parquet, stats, marker last (each atomic).
 
-        An existing marker is removed first (when the listing shows one), so a kill mid-commit never
-        leaves an old marker vouching for new bytes. Returns the marker.
+        An existing marker is removed first, so a kill mid-commit never leaves an old marker vouching for
+        new bytes. Whether one exists comes from `had_marker` (the driver's listing, passed by executors
+        to their workers), else from this object's cached listing, else it is deleted blindly. Returns the
+        marker.
         """
         check_shard_id(shard_id)
         marker_name = f"part-{shard_id}.done"
-        if self._listing is None or marker_name in self._listing:
+        if had_marker is None:
+            had_marker = self._listing is None or marker_name in self._listing
+        if had_marker:
             storage.delete(self.join(marker_name))
             self._note(marker_name, None)
         extra = {}

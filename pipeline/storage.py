@@ -221,11 +221,15 @@ def put_file(uri: Uri, local_file: Uri) -> None:
         fs.put_file(str(src), path)  # s3fs: one PUT, or a multipart upload that appears only when complete
 
 
-def get_bytes(uri: Uri) -> bytes:
+def get_bytes(uri: Uri, small: bool = False) -> bytes:
+    """An object's bytes. `small` (markers, stats): one GET, without the size request that s3fs otherwise
+    makes first to decide whether to fetch in concurrent ranges."""
     fs, path = resolve(uri)
     try:
         if fs is None:
             return Path(path).read_bytes()
+        if small and hasattr(fs, "max_concurrency"):
+            return fs.cat_file(path, max_concurrency=1)
         return fs.cat_file(path)
     except FileNotFoundError:
         raise StorageError(f"{display(uri)} not found") from None
@@ -241,7 +245,7 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def get_json(uri: Uri) -> Any:
-    data = get_bytes(uri)
+    data = get_bytes(uri, small=True)
     try:
         return json.loads(data)
     except ValueError as exc:

@@ -18,11 +18,21 @@ class _Strict(BaseModel):
 
 
 class RunConfig(_Strict):
+    """Where and how stages run (execution only: none of these enters an output's config hash)."""
+
     executor: Literal["local", "ray"] = "ray"
     ray_address: str | None = None  # None = local Ray started in-process
-    num_actors: int = Field(1, ge=1)  # actor-pool size for model stages
-    actor_cpus: float = Field(0.5, gt=0)  # < total CPUs: leave room for Ray Data's read tasks
-    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the machine has GPUs
+    # Actor pool of model stages: a fixed size, or None = from the cluster: floor(GPUs / actor_gpus) where
+    # GPUs exist, else floor(CPUs / actor_cpus), within [min_actors, max_actors], never above pending shards.
+    num_actors: int | None = Field(1, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    actor_cpus: float = Field(0.5, gt=0)
+    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the cluster has GPUs; 0.25 = 4 actors a GPU
+    # CPU stages: one Ray task per shard, as many in flight as the cluster has CPUs / task_cpus.
+    task_cpus: float = Field(1.0, gt=0)
+    task_timeout_s: float | None = Field(None, gt=0)  # a unit running longer is cancelled and run again
+    task_retries: int = Field(2, ge=0)  # attempts after a unit's own error (lost workers/nodes don't count)
 
 
 class QueryInput(_Strict):

@@ -149,7 +149,7 @@ class CleanConfig(_Strict):
     tie_share: float = Field(1.0, gt=0, le=1)
     # Two faces of one name in different photos are copies of one photo when the perceptual hashes of their
     # face patches (either orientation) differ in at most this many of 64 bits (pipeline/clean/copies.py).
-    copy_hash_distance: int = Field(8, ge=0, le=64)
+    copy_hash_distance: int = Field(12, ge=0, le=64)
 
 
 class BundleConfig(_Strict):

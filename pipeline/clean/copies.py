@@ -13,12 +13,13 @@ photos are copies when the hash distance (either orientation) is at most `max_di
 features are as similar as the name's clustering demands (a hash collision between two people cannot
 collapse them). Copies of a copy are copies (connected components of those pairs, scipy).
 
-What happens: every group of photos joined by a copy becomes one photo; its canonical photo is the one with
-the most detections (a crop holds a subset of the people), then the higher summed face score, then the
-smaller person_id. A row of another photo of the group that copies a row of the canonical photo (or of a
-copy group) is dropped as `near_duplicate`, naming the row it copies (`duplicate_of`); a row without a
-match stays, and counts under the canonical photo. A copy under two different names is not touched here:
-it stays for the cross-identity merge.
+What happens: rows joined by copy pairs form copy groups, and one row of each group stays: the one in the
+group's canonical photo (photos joined by any copy pair; the canonical one has the most detections, since a
+crop holds a subset of the people, then the higher summed face score, then the smaller person_id), else the
+best row (face score, then person_id). The others are dropped as `near_duplicate`, naming the row they copy
+(`duplicate_of`). A row without a copy stays and counts as its own photo: a collage that reuses one face
+next to a new photo of someone else is not a copy of that someone. A copy under two different names is not
+touched here: it stays for the cross-identity merge.
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ def load_patch_hashes(persons: DatasetDir, shard_ids: list[str], person_ids: lis
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bit distance between two uint64 arrays (broadcasting)."""
-    x = np.bitwise_xor(a, b)
-    return _POP[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)).copy(order="C")
+    return _POP[x.reshape(-1).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.int64)
 
 
 def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos: float
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For the rows of one name: (copied row, kept row it copies) pairs to drop, and the photo remap."""
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """For the rows of one name: the copied rows to drop, and the kept row each one copies."""
     h, hf = state.hash[rows], state.hash_flip[rows]
     has = h != NO_HASH
     photo = state.photo[rows]
@@ -112,7 +113,7 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
     match &= photo[:, None] != photo[None, :]
     empty = np.zeros(0, dtype=np.int64)
     if not match.any():
-        return empty, empty, np.zeros((0, 2), dtype=np.int64)
+        return empty, empty
     # Photo groups: photos joined by any matched pair of their rows.
     codes, local = np.unique(photo, return_inverse=True)
     r, c = np.nonzero(match)
@@ -125,8 +126,6 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
     canon = {}
     for p in np.lexsort((first, -score, -n_det)):  # best photo first
         canon.setdefault(int(group[p]), int(p))
-    remap = np.array([[codes[p], codes[canon[int(group[p])]]] for p in range(len(codes))
-                      if canon[int(group[p])] != p], dtype=np.int64).reshape(-1, 2)
     # Row groups: rows joined by matches; the kept row is the group's row in the canonical photo (best first),
     # else the best row (face score, then person_id order).
     rg = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(len(rows), len(rows)))
@@ -138,37 +137,28 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
         keep_of.setdefault(int(rgroup[k]), int(k))
     dropped = [k for k in range(len(rows)) if keep_of[int(rgroup[k])] != k]
     kept_for = [keep_of[int(rgroup[k])] for k in dropped]
-    return rows[np.asarray(dropped, dtype=np.int64)], rows[np.asarray(kept_for, dtype=np.int64)], remap
+    return rows[np.asarray(dropped, dtype=np.int64)], rows[np.asarray(kept_for, dtype=np.int64)]
 
 
 def collapse_copies(state: CleanState, max_distance: int, min_cos: float) -> dict:
     """Drop copies of a photo within each name as `near_duplicate` (see the module doc); returns the counts."""
     if state.hash is None:
         return {"skipped": "no persons input: copies of one photo were not looked for", "near_duplicate": 0,
-                "photos_collapsed": 0}
+                "photos_with_copies_dropped": 0}
     rows = np.flatnonzero(state.kept() & (state.hash != NO_HASH))
     rows = rows[np.lexsort((state.order_key[rows], state.label[rows]))]
     lab = state.label[rows]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(rows) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(rows)].astype(np.int64)
-    drop, kept_for, remaps = [], [], []
+    drop, kept_for, photos = [], [], 0
     for a, b in zip(starts, ends):
         name_rows = rows[a:b]
         if len(np.unique(state.photo[name_rows])) < 2:
             continue
-        d, k, remap = _name_copies(name_rows, state, max_distance, min_cos)
+        d, k = _name_copies(name_rows, state, max_distance, min_cos)
         drop.append(d)
         kept_for.append(k)
-        remaps.append(remap)
-    collapsed = 0
-    if remaps:
-        remap = np.concatenate(remaps)
-        collapsed = len(remap)
-        if collapsed:
-            # Photo codes are per sample_id, and a sample belongs to one name: remapping codes is local.
-            lookup = np.arange(int(state.photo.max()) + 1)
-            lookup[remap[:, 0]] = remap[:, 1]
-            state.photo = lookup[state.photo]
+        photos += len(np.unique(state.photo[d]))
     n = 0
     if drop:
         d, k = np.concatenate(drop), np.concatenate(kept_for)
@@ -176,4 +166,4 @@ def collapse_copies(state: CleanState, max_distance: int, min_cos: float) -> dic
         mask[d] = True
         n = state.drop(mask, "near_duplicate")
         state.copy_of[d] = k
-    return {"near_duplicate": n, "photos_collapsed": collapsed}
+    return {"near_duplicate": n, "photos_with_copies_dropped": photos}

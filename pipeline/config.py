@@ -154,6 +154,12 @@ class CleanConfig(_Strict):
     center_weighting: Literal["norm", "mean"] = "norm"
     # DBSCAN runs on sparse neighbour graphs of many names at once; this bounds the pairs per call.
     dbscan_pair_budget: int = Field(4_000_000, ge=1)
+    # A name whose runner-up cluster holds at least this share of the winner's distinct photos yields no
+    # identity (`ambiguous_name`) when top_k_clusters is 1; 1.0 = only exact ties (docs/clean.md).
+    tie_share: float = Field(1.0, gt=0, le=1)
+    # Two faces of one name in different photos are copies of one photo when the perceptual hashes of their
+    # face patches (either orientation) differ in at most this many of 64 bits (pipeline/clean/copies.py).
+    copy_hash_distance: int = Field(12, ge=0, le=64)
 
 
 class BundleConfig(_Strict):

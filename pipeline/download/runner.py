@@ -56,7 +56,8 @@ class RunReport:
         return {"tasks": self.tasks, "resubmitted": self.resubmitted, "timed_out": self.timed_out,
                 "failed_shards": self.failed_shards, "width": self.width,
                 "first_commit_seconds": self.first_commit_seconds, "wall_seconds": round(wall, 3),
-                "fetch_seconds": round(self.fetch_seconds, 3)}
+                "fetch_seconds": round(self.fetch_seconds, 3),
+                "in_flight": steady_in_flight(self.intervals, self.width)}
 
 
 def shard_task(manifest_root: str, out_root: str, shard_id: str, cfg: DownloadConfig) -> dict:
@@ -221,6 +222,27 @@ def run_local(cfg: DownloadConfig, manifest: DatasetDir, out: DatasetDir, todo: 
                     if not out.is_done(sid) and attempts.failed(sid, "worker pool broke"):
                         queue.appendleft(sid)
     return report
+
+
+def steady_in_flight(intervals: list[tuple[float, float]], width: int, step: float = 0.5) -> dict:
+    """Running tasks sampled every `step` s from when the first `width` tasks were all running to the last
+    task's start (after that the queue is empty and the tail drains): the part where in-flight == width is
+    the claim. Counts come from the tasks' own start and end times (failed attempts are not included)."""
+    if len(intervals) <= width or width < 1:
+        return {"samples": 0}
+    starts = sorted(s for s, _ in intervals)
+    lo, hi = starts[width - 1], starts[-1]
+    samples = [sum(1 for s, e in intervals if s <= t < e) for t in _ticks(lo, hi, step)]
+    if not samples:
+        return {"samples": 0}
+    ordered = sorted(samples)
+    return {"samples": len(samples), "median": ordered[len(ordered) // 2], "min": ordered[0],
+            "max": ordered[-1], "at_width": round(sum(x >= width for x in samples) / len(samples), 3)}
+
+
+def _ticks(lo: float, hi: float, step: float) -> list[float]:
+    n = int((hi - lo) / step)
+    return [lo + i * step for i in range(n + 1)]
 
 
 def sampled_in_flight(intervals: list[tuple[float, float]], step: float = 0.5) -> list[int]:

@@ -70,9 +70,12 @@ class DownloadConfig(_Strict):
     max_body_bytes: int = Field(50_000_000, ge=1)  # a response body above this is cut off (body_too_large)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
     retry_failed: bool = True  # a second pass over failed URLs
-    # auto: img2dataset's Ray distributor when run.ray_address is set, else its multiprocessing one
+    # Where the per-shard tasks run. auto: Ray tasks when run.executor is "ray" (or run.ray_address is set),
+    # else a local pool of `processes_count` processes.
     distributor: Literal["auto", "multiprocessing", "ray"] = "auto"
-    job_rows: int = Field(20_000, ge=1)  # manifest rows per img2dataset job (bounds memory and lost work)
+    task_timeout: float = Field(3600.0, gt=0)  # seconds per shard task before it is cancelled and resubmitted
+    task_attempts: int = Field(3, ge=1)  # attempts per shard before its rows are committed as task_failed
+    max_in_flight: int | None = Field(None, ge=1)  # None = the cluster's CPUs (Ray) or processes_count (local)
     user_agent_token: str | None = None  # e.g. "img2dataset", to match X-Robots-Tag directives for a UA
 
 

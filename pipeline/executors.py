@@ -224,6 +224,7 @@ class _Plan:
     done: list[str]
     expected: list[str]
     ctx: PlanContext | None = None
+    finished: dict | None = None  # the roll-up of an already finished planned stage (nothing to do)
 
 
 def _as_inputs(inputs: InputsArg) -> dict[str, DatasetDir]:
@@ -244,7 +245,12 @@ def plan_run(stage: Stage, inputs: InputsArg, output: Any, overwrite: bool = Fal
         ih = stage.input_hash(ctx)
         if ih is not None:
             meta["input_hash"] = ih
-        prepare_output(stage, out, overwrite, meta=meta, discard_shards=True)
+        changed = prepare_output(stage, out, overwrite, meta=meta, discard_shards=True)
+        if not changed and out.has(ROLLUP):
+            # Same config and inputs, finished: nothing to plan (planning may mean reading every input).
+            finished = out.read_json(ROLLUP)
+            if finished.get("complete") and finished.get("shards") == len(out.done_ids()):
+                return _Plan(stage, ins, out, [], out.done_ids(), out.done_ids(), ctx, finished)
         units = stage.plan(ctx)
         ids = [u.id for u in units]
         if len(set(ids)) != len(ids):
@@ -272,6 +278,8 @@ def _has_marker(out: DatasetDir, shard_id: str) -> bool:
 
 def finish_run(plan: _Plan, run_info: dict | None = None) -> dict:
     """Roll up (and, for a planned stage with every unit done, its `finish` step), after one re-listing."""
+    if plan.finished is not None:
+        return plan.finished
     out = plan.out.refresh()
     stats = write_rollup(out, plan.stage.name, plan.expected, run_info=run_info, write=False)
     if stats["complete"] and isinstance(plan.stage, PlannedStage):

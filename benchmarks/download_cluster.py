@@ -227,6 +227,9 @@ def main() -> None:
     details = {
         "images": args.images, "shard_size": args.shard_size, "shards": stats["shards"],
         "cluster": {"nodes": "head num_cpus=0 + 3 x 2 CPUs", "cpus": cluster_cpus, "object_store_mb": 300},
+        "runs": {name: {k: v for k, v in r.items() if k in ("runner", "tasks", "resubmitted", "timed_out", "width",
+                                                            "first_commit_seconds", "wall_seconds")}
+                 for name, r in (("cluster (3 x 2 CPUs)", run), ("single node (2 processes)", single["run"]))},
         "cluster_run": run, "cluster_wall_seconds": round(cluster_wall, 2),
         "single_node_run": single["run"], "single_node_wall_seconds": round(single_wall, 2),
         "statuses": dict(Counter(s for s, _ in a.values())),

@@ -69,10 +69,16 @@ def executor_from_config(cfg: BuildConfig):
 
     if cfg.run.executor == "local":
         return make_executor("local")
-    return make_executor(
-        "ray",
-        num_actors=cfg.run.num_actors,
-        actor_cpus=cfg.run.actor_cpus,
-        actor_gpus=cfg.run.actor_gpus,
-        address=cfg.run.ray_address,
-    )
+    return make_executor("ray", **ray_executor_options(cfg))
+
+
+def ray_executor_options(cfg: BuildConfig, **section: Any) -> dict[str, Any]:
+    """RayExecutor keyword arguments from the run section; a stage section's non-None values override."""
+    r = cfg.run
+    opts: dict[str, Any] = {
+        "num_actors": r.num_actors, "min_actors": r.min_actors, "max_actors": r.max_actors,
+        "actor_cpus": r.actor_cpus, "actor_gpus": r.actor_gpus, "address": r.ray_address,
+        "task_cpus": r.task_cpus, "task_timeout_s": r.task_timeout_s, "task_retries": r.task_retries,
+    }
+    opts.update({k: v for k, v in section.items() if v is not None})
+    return opts

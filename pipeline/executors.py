@@ -322,11 +322,15 @@ def _is_system_error(exc: BaseException) -> bool:
     return isinstance(exc, _Timeout) or any(c.__name__ in _SYSTEM_ERRORS for c in type(exc).__mro__)
 
 
-def _stage_error(exc: BaseException) -> StageError | None:
-    if isinstance(exc, StageError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, StageError) else None
+def _stage_error(exc: BaseException) -> Exception | None:
+    """The error that means the run itself is wrong (bad config, missing weights, wrong input schema):
+    raised at once, never retried. Ray wraps a task's exception; its `cause` is the original."""
+    from schemas.base import SchemaError
+
+    for e in (exc, getattr(exc, "cause", None)):
+        if isinstance(e, (StageError, SchemaError)):
+            return e
+    return None
 
 
 def _ray_execute(stage: Stage, job: _Job, attempt: int) -> dict:

@@ -281,7 +281,7 @@ def finish_run(plan: _Plan, run_info: dict | None = None) -> dict:
     if plan.finished is not None:
         return plan.finished
     out = plan.out.refresh()
-    stats = write_rollup(out, plan.stage.name, plan.expected, run_info=run_info, write=False)
+    stats = write_rollup(out, plan.stage.name, plan.expected, run_info=run_info, write=False, refresh=False)
     if stats["complete"] and isinstance(plan.stage, PlannedStage):
         assert plan.ctx is not None
         fin = plan.stage.finish(plan.ctx, stats)

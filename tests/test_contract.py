@@ -118,3 +118,43 @@ def test_ray_tasks_for_cpu_stage(tmp_path, ray_local):
 
     RayExecutor().run(CpuSquare(), tmp_path / "in", tmp_path / "out")
     assert DatasetDir(tmp_path / "out").done_ids() == ["00000", "00001", "00002"]
+
+
+class StallOnce(Square):
+    """A CPU stage whose shard 00001 stalls far past the time limit on its first attempt only."""
+
+    uses_model = False
+
+    def process(self, batch: pa.Table) -> BatchResult:
+        import time
+        from pathlib import Path
+
+        probe = Path(self.config["probe"])
+        sid = batch.column("sample_id")[0].as_py().split("-")[0]
+        first = not (probe / f"{sid}.started").exists()
+        (probe / f"{sid}.started").write_text("1")
+        if sid == "00001" and first:
+            time.sleep(60)
+        return super().process(batch)
+
+    @property
+    def batch_size(self) -> int:
+        return 1000
+
+
+def test_ray_tasks_time_limit_resubmits_and_in_flight_is_cluster_cpus(tmp_path, ray_local):
+    import ray
+
+    make_input(tmp_path / "in", n_shards=5, rows=4)
+    LocalExecutor().run(Square(), tmp_path / "in", tmp_path / "ref")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    stage = StallOnce(config={"probe": str(probe)})
+    stage.config_hash = Square().config_hash
+    ex = RayExecutor(task_timeout_s=8, task_retries=0)
+    summary = ex.run(stage, tmp_path / "in", tmp_path / "out")
+    assert summary.timed_out == 1 and summary.resubmitted == 1 and summary.failed == []
+    assert ex.last_run["workers"] == int(ray.cluster_resources()["CPU"])  # tasks in flight = cluster CPUs
+    ref, out = DatasetDir(tmp_path / "ref"), DatasetDir(tmp_path / "out")
+    for sid in ref.done_ids():
+        assert ref.parquet(sid).read_bytes() == out.parquet(sid).read_bytes()

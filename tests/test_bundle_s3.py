@@ -41,8 +41,11 @@ def s3():
     os.environ.update(env)
     import s3fs
 
+    from pipeline import storage
+
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
+    storage.reset_filesystems()
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
     fs.mkdir(BUCKET)
     try:
         yield fs
@@ -54,6 +57,7 @@ def s3():
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
+        storage.reset_filesystems()
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +131,10 @@ def test_unknown_scheme_is_a_clear_error(tmp_path):
     from pipeline.bundle.store import Store
     from pipeline.stage import StageError
 
-    with pytest.raises(StageError, match="unsupported storage URI"):
+    with pytest.raises(StageError, match="unknown storage scheme"):
         Store("nosuchscheme://bucket/x")
+    with pytest.raises(StageError, match="lost a slash"):
+        Store(str(Path("s3://bucket/x")))
 
 
 def test_training_reads_shards_from_s3(s3, builds):
@@ -164,3 +170,19 @@ def test_evaluation_streams_from_s3(s3, builds):
     assert local["num_query_images"] == remote["num_query_images"] > 0
     for k in ("top1", "top5", "mAP"):
         assert np.isclose(local["general"][k], remote["general"][k]), k
+
+
+def test_verify_and_report_on_s3(s3, builds):
+    from pipeline.bundle.report import write_report
+    from pipeline.bundle.verify import verify_bundle
+
+    uri = f"s3://{BUCKET}/build/bundle"
+    assert verify_bundle(uri) == []
+    where = write_report(uri)
+    assert where == f"{uri}/report.html"
+    page = s3.cat_file(f"{BUCKET}/build/bundle/report.html")
+    assert page.startswith(b"<!DOCTYPE html>") or b"<html" in page[:200]
+    assert b"data:image/" in page  # gallery thumbnails came from ranged reads of the s3 shards
+    s3.rm(f"{BUCKET}/build/bundle/report.html")
+    s3.pipe(f"{BUCKET}/build/bundle/index.parquet", b"not parquet")
+    assert any("index.parquet" in str(p) for p in verify_bundle(uri))

@@ -135,6 +135,10 @@ def test_unknown_scheme_is_a_clear_error(tmp_path):
         Store("nosuchscheme://bucket/x")
     with pytest.raises(StageError, match="lost a slash"):
         Store(str(Path("s3://bucket/x")))
+    from pipeline.bundle.remove import remove_subject
+
+    with pytest.raises(StageError, match="local bundle folders only"):
+        remove_subject("s3://bucket/bundle", name="anyone")
 
 
 def test_training_reads_shards_from_s3(s3, builds):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -33,11 +34,15 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+MIN_PAIRS = 5  # a headline ratio needs at least this many pairs (lower it only for tests of this module)
+
 DEFAULT_PACKAGES = ("torch", "numpy", "pyarrow", "ray", "onnxruntime", "ultralytics", "img2dataset",
                     "scikit-learn", "openvino", "peft", "faiss-cpu")
 
 
-def _clock(kind: str) -> Callable[[], float]:
+def _clock(kind: str | Callable[[], float]) -> Callable[[], float]:
+    if callable(kind):  # an injected clock (tests of this module)
+        return kind
     if kind == "wall":
         return time.perf_counter
     if kind == "cpu":
@@ -55,6 +60,7 @@ class Paired:
     order: list[str]             # which side ran first in each pair ("AB" or "BA")
     clock: str
     extra: dict = field(default_factory=dict)
+    load: list[float | None] = field(default_factory=list)  # 1-min load average at the start of each pair
 
     @property
     def median(self) -> float:
@@ -66,22 +72,26 @@ class Paired:
                         samples={"ratios": [round(r, 4) for r in self.ratios],
                                  "a_seconds": [round(s, 4) for s in self.a_seconds],
                                  "b_seconds": [round(s, 4) for s in self.b_seconds],
-                                 "order": self.order, "clock": self.clock})
+                                 "order": self.order, "clock": self.clock, "load_1m": self.load})
 
 
-def paired_ratio(run_a: Callable[[], Any], run_b: Callable[[], Any], pairs: int = 5, clock: str = "wall",
-                 warmup: bool = True, work_a: Callable[[Any], float] | None = None,
-                 work_b: Callable[[Any], float] | None = None) -> Paired:
+def paired_ratio(run_a: Callable[[], Any], run_b: Callable[[], Any], pairs: int = MIN_PAIRS,
+                 clock: str | Callable[[], float] = "wall", warmup: bool = True,
+                 work_a: Callable[[Any], float] | None = None, work_b: Callable[[Any], float] | None = None,
+                 before: Callable[[], Any] | None = None, min_pairs: int = MIN_PAIRS) -> Paired:
     """Time `run_a` and `run_b` interleaved in alternating order; ratio = rate(A) / rate(B) per pair.
 
     Without `work_*` both sides are assumed to do the same work and the ratio is time(B) / time(A).
     With `work_a`/`work_b` (functions of each call's return value giving its amount of work, e.g. images
     processed) the ratio is (work_a / t_a) / (work_b / t_b). One warm-up call of each side runs first
-    and is not counted (model loads, caches), unless `warmup=False`.
+    and is not counted (model loads, caches), unless `warmup=False`. `before`, when given, runs untimed
+    before every call of either side (e.g. to empty an output directory, so both sides start alike).
+    Fewer than `min_pairs` (default 5) pairs is refused: a median of two ratios is not a headline.
     """
-    if pairs < 1:
-        raise ValueError("pairs must be >= 1")
+    if pairs < max(1, min_pairs):
+        raise ValueError(f"pairs must be >= {max(1, min_pairs)} (got {pairs})")
     tick = _clock(clock)
+    clock_name = clock if isinstance(clock, str) else getattr(clock, "__name__", "custom")
     if warmup:
         run_a()
         run_b()
@@ -90,12 +100,18 @@ def paired_ratio(run_a: Callable[[], Any], run_b: Callable[[], Any], pairs: int 
     ratios: list[float] = []
     order: list[str] = []
 
+    load: list[float | None] = []
+
     def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        if before is not None:
+            before()
         t0 = tick()
         out = fn()
         return tick() - t0, out
 
     for i in range(pairs):
+        la = loadavg()
+        load.append(la[0] if la else None)
         if i % 2 == 0:
             ta, ra = timed(run_a)
             tb, rb = timed(run_b)
@@ -110,10 +126,11 @@ def paired_ratio(run_a: Callable[[], Any], run_b: Callable[[], Any], pairs: int 
         a_s.append(ta)
         b_s.append(tb)
         ratios.append((wa / ta) / (wb / tb))
-    return Paired(a_s, b_s, ratios, order, clock)
+    return Paired(a_s, b_s, ratios, order, clock_name, load=load)
 
 
-def repeated(run: Callable[[], Any], repeats: int = 5, clock: str = "wall", warmup: bool = True) -> dict:
+def repeated(run: Callable[[], Any], repeats: int = 5, clock: str | Callable[[], float] = "wall",
+             warmup: bool = True) -> dict:
     """A single-sided figure (a time, a rate): median with min and max over `repeats` runs."""
     tick = _clock(clock)
     if warmup:
@@ -124,7 +141,7 @@ def repeated(run: Callable[[], Any], repeats: int = 5, clock: str = "wall", warm
         run()
         times.append(tick() - t0)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times,
-            "clock": clock}
+            "clock": clock if isinstance(clock, str) else "custom"}
 
 
 def headline(value: float | int | bool | str | None, lo: float | None = None, hi: float | None = None,
@@ -144,17 +161,17 @@ def check_target(value: Any, target: str | None) -> bool | None:
     """`target` is '>= X', '<= X', '> X', '< X' or '== X' (X a number, or true/false)."""
     if target is None or value is None:
         return None
-    op, _, rhs = target.strip().partition(" ")
-    rhs = rhs.strip()
-    if rhs in ("true", "false"):
-        want: Any = rhs == "true"
-    else:
-        want = float(rhs)
+    m = _TARGET.fullmatch(target.strip())
+    if not m:
+        raise ValueError(f"bad target {target!r}: use '>= 0.9', '< 2', '== true', ...")
+    op, rhs = m.group("op"), m.group("rhs")
+    want: Any = (rhs == "true") if rhs in ("true", "false") else float(rhs)
     ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
            "<": lambda a, b: a < b, "==": lambda a, b: a == b}
-    if op not in ops:
-        raise ValueError(f"bad target {target!r}")
     return bool(ops[op](value, want))
+
+
+_TARGET = re.compile(r"(?P<op>>=|<=|==|>|<)\s*(?P<rhs>true|false|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 def _round(v: Any) -> Any:

@@ -30,8 +30,8 @@ DEFAULT_DOCS = ("docs/benchmarks.md", "docs/operations.md")
 BLOCK = re.compile(r"(<!-- results:(?P<key>[^ ]+?) -->\n)(?P<body>.*?)(<!-- /results:(?P=key) -->)", re.S)
 
 
-def load(name: str) -> dict:
-    path = RESULTS / f"{name}.json"
+def load(name: str, results: Path = RESULTS) -> dict:
+    path = results / f"{name}.json"
     if not path.exists():
         raise SystemExit(f"render: {path} does not exist (run benchmarks/{name}.py first)")
     return json.loads(path.read_text())
@@ -86,18 +86,22 @@ def headline_rows(name: str, doc: dict) -> list[str]:
 HEAD = ["| file | key | value | spread (min .. max) | pairs | target | |", "|---|---|---|---|---|---|---|"]
 
 
-def render_headlines() -> str:
+def render_headlines(results: Path = RESULTS) -> str:
     lines = list(HEAD)
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted(results.glob("*.json")):
         lines += headline_rows(path.stem, json.loads(path.read_text()))
     return "\n".join(lines) + "\n"
 
 
-def render_one(name: str) -> str:
-    doc = load(name)
+def render_one(name: str, results: Path = RESULTS) -> str:
+    doc = load(name, results)
     lines = list(HEAD) + headline_rows(name, doc)
     lines.append("")
-    lines.append(f"Measured {_conditions(doc)}; arguments `{fmt(doc.get('env', {}).get('argv') or [])}`.")
+    if "env" in doc:
+        lines.append(f"Measured {_conditions(doc)}; arguments `{fmt(doc['env'].get('argv') or [])}`.")
+    else:
+        lines.append("Written before `benchmarks/paired.py`: no paired headline, conditions not recorded; "
+                     "to be re-measured.")
     return "\n".join(lines) + "\n"
 
 
@@ -111,8 +115,8 @@ def _dig(doc: dict, path: str) -> Any:
     return cur
 
 
-def render_table(name: str, path: str) -> str:
-    data = _dig(load(name), path)
+def render_table(name: str, path: str, results: Path = RESULTS) -> str:
+    data = _dig(load(name, results), path)
     if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
         rows = [{"": k, **v} for k, v in data.items()]
     elif isinstance(data, list) and all(isinstance(v, dict) for v in data):
@@ -132,21 +136,34 @@ def render_table(name: str, path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_key(key: str) -> str:
+def render_key(key: str, results: Path = RESULTS) -> str:
     if key == "headlines":
-        return render_headlines()
+        return render_headlines(results)
     name, _, path = key.partition(":")
-    return render_table(name, path) if path else render_one(name)
+    return render_table(name, path, results) if path else render_one(name, results)
 
 
-def render_doc(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render_key(m.group("key")) + m.group(4), text)
+def render_doc(text: str, results: Path = RESULTS) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render_key(m.group("key"), results) + m.group(4), text)
+
+
+OPEN = re.compile(r"<!-- results:(?P<key>[^ ]+?) -->")
+CLOSE = re.compile(r"<!-- /results:(?P<key>[^ ]+?) -->")
+
+
+def unmatched_markers(text: str) -> list[str]:
+    """Keys whose opening and closing markers do not pair up (a block that would silently never render)."""
+    paired = [m.group("key") for m in BLOCK.finditer(text)]
+    opened = [m.group("key") for m in OPEN.finditer(text)]
+    closed = [m.group("key") for m in CLOSE.finditer(text)]
+    return sorted({k for k in opened + closed if opened.count(k) != paired.count(k) or closed.count(k) != paired.count(k)})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("docs", nargs="*", default=list(DEFAULT_DOCS))
     ap.add_argument("--check", action="store_true", help="exit 1 when a doc is out of date; write nothing")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
     args = ap.parse_args(argv)
     stale = []
     for rel in args.docs:
@@ -154,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             continue
         old = path.read_text()
-        new = render_doc(old)
+        orphans = unmatched_markers(old)
+        if orphans:
+            print(f"{rel}: result markers without their closing pair: {', '.join(orphans)}", file=sys.stderr)
+            return 1
+        new = render_doc(old, args.results)
         if new != old:
             stale.append(rel)
             if not args.check:

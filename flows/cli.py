@@ -13,7 +13,7 @@ from pipeline.runtime import ensure_offline_env
 
 # Modules that add their own subcommands (`add_commands(subparsers)`), imported only if present so that a
 # checkout missing one still has a working CLI.
-COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end", "flows.valsets_cli"]
+COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end", "flows.valsets_cli", "flows.finetune"]
 
 
 def _parse_overrides(items: list[str] | None) -> dict:

@@ -13,7 +13,6 @@ stage over the same selection never writes them again, and nothing readable abou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import center_matrix, key_hash, removed_hashes, summarize
 from pipeline.bundle.tarpack import iter_members, split_member_name, write_shard_atomic
-from pipeline.bundle.writer import center_matrix, summarize
 from pipeline.config import BuildConfig
 from pipeline.shards import atomic_write_json, atomic_write_parquet, file_sha256
 from pipeline.stage import StageError
@@ -34,18 +33,8 @@ log = logging.getLogger(__name__)
 EmbedFn = Callable[[Path], tuple[np.ndarray, str]]  # image -> (raw feature of its largest face, embedder name)
 
 
-def key_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _norm_name(s: str) -> str:
     return " ".join(s.casefold().split())
-
-
-def removed_hashes(out: Path) -> dict[str, set[str]]:
-    p = out / "_removed.json"
-    data = json.loads(p.read_text()) if p.exists() else {}
-    return {"keys": set(data.get("keys", [])), "identities": set(data.get("identities", []))}
 
 
 def embed_largest_face(image: Path, cfg: BuildConfig) -> tuple[np.ndarray, str]:

@@ -41,6 +41,7 @@ def photos() -> dict[str, np.ndarray]:
     return {p: load_rgb(p, width=640) for p in PHOTOS}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("openvino" not in COMPILED, reason="openvino is not installed")
 def test_detector_on_openvino_matches_onnxruntime(photos):
     path = asset_path("retinaface_mnet025.onnx")
@@ -71,6 +72,7 @@ def kprpe_weights(tmp_path_factory) -> pathlib.Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", COMPILED)
 def test_kprpe_compiled_features_match_torch(backend, kprpe_weights, photos):
     detector = FaceDetector(asset_path("retinaface_mnet025.onnx"), num_threads=1)

@@ -140,6 +140,27 @@ class PeakRss:
         return self.peak / 2**20
 
 
+def start_cluster(store: int, attempts: int = 3) -> tuple:
+    """Head (num_cpus=0) + 2 workers. Ray gives a node 30 s to register; on this shared box under heavy load
+    that is sometimes too little, so a failed start is retried."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                    "object_store_memory": store})
+            workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
+            cluster.wait_for_nodes()
+            return cluster, workers
+        except Exception as exc:  # noqa: BLE001 (a node that did not start in time: retry)
+            print(f"cluster start failed ({exc}); attempt {attempt + 2} of {attempts}", flush=True)
+            if cluster is not None:
+                cluster.shutdown()
+            time.sleep(10)
+    raise RuntimeError("could not start the 3-node cluster")
+
+
 def parquet_bytes(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.glob("part-*.parquet"))}
 
@@ -165,7 +186,6 @@ def main() -> None:
 
 def run(args: argparse.Namespace, rec: Recorder, work: Path) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
     t0 = time.perf_counter()
     make_input(work / "large", args.large, args.shard_mb, args.rows)
@@ -175,10 +195,7 @@ def run(args: argparse.Namespace, rec: Recorder, work: Path) -> None:
     reference = parquet_bytes(work / "local")
 
     store = args.object_store_mb * 2**20
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "object_store_memory": store})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
-    cluster.wait_for_nodes()
+    cluster, workers = start_cluster(store)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     ex = RayExecutor(num_actors=2, actor_cpus=1.0, address=cluster.address)
     peaks: dict[str, list[float]] = {"small": [], "large": []}

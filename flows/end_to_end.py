@@ -1,12 +1,17 @@
-"""`webbody-end-to-end`: build WebBody -> train SapiensID on its shards -> evaluate on its test split.
+"""`webbody-end-to-end`: build WebBody -> train SapiensID on its shards -> evaluate on HELD-OUT identities.
 
 The build config (``configs/*.yaml``) drives the build; a separate train config (``train:`` and optionally
 ``evaluate:`` sections, default ``configs/train_demo.yaml``) drives training, with ``train_shards`` (the build's
 bundle) and ``output_dir`` (``<output>/train``) filled in when absent. ``demo=True`` builds the demo corpus
-(served from 127.0.0.1 like ``webbody demo``) instead of ``config_path``. Evaluation uses the config's
-``evaluate.datasets`` plus the bundle's WebBody-test split; a bundle without test shards (tiny corpora such as
-the demo's) is evaluated on its train split, and the report says so: that is a smoke check, not a held-out
-score.
+(served from 127.0.0.1 like ``webbody demo``) instead of ``config_path``.
+
+Evaluation never uses training identities. It runs on the config's ``evaluate.datasets`` plus one held-out
+set: the bundle's WebBody-test split (identities the bundle keeps out of training, `pipeline/bundle/splits.py`;
+checked against the bundle index: no test identity is a training identity), or, when the bundle has no test
+split (tiny corpora such as the demo's have too few eligible identities), a generated held-out set of
+identities that appear nowhere in the build (`sapiensid.data.synthetic`). `end_to_end.json` says which
+(``evaluation.held_out``); a score on generated figures is a smoke check of the evaluation path, not a
+measure of recognising real people.
 """
 
 from __future__ import annotations
@@ -41,13 +46,71 @@ def plan_training(config_path: str | None, output: Path, bundle: Path,
     return path, section
 
 
-def eval_datasets(config_path: str | None, bundle: Path) -> tuple[list[dict[str, Any]], str]:
+GENERATED_HELD_OUT = {"identities": 8, "per_identity": 4, "label_offset": 900_000, "image_seed": 7}
+
+
+def _identities_by_split(bundle: Path) -> dict[str, set[str]]:
+    import pyarrow.parquet as pq
+
+    index = bundle / "index.parquet"
+    if not index.exists():
+        raise RuntimeError(f"{bundle} has shards but no index.parquet: cannot check the held-out identities")
+    t = pq.read_table(index, columns=["split", "identity"]).to_pydict()
+    out: dict[str, set[str]] = {}
+    for split, ident in zip(t["split"], t["identity"]):
+        out.setdefault(split, set()).add(ident)
+    return out
+
+
+def _generated_held_out(root: Path) -> Path:
+    """Write the generated held-out set once (a re-run reuses it: same seeds, same images)."""
+    from sapiensid.data.synthetic import write_shards
+
+    if (root / "index.parquet").exists():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    g = GENERATED_HELD_OUT
+    write_shards(tmp, g["identities"], g["per_identity"], split="test", image_seed=g["image_seed"],
+                 label_offset=g["label_offset"])
+    tmp.rename(root)
+    return root
+
+
+def eval_datasets(config_path: str | None, bundle: Path, out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The evaluation sets of a run and a description of its held-out set (never the training split)."""
     from flows.train import datasets_from_config
 
     datasets = datasets_from_config(config_path)
-    split = "test" if list(bundle.glob("webbody-test-*.tar")) else "train"
-    datasets.append({"name": f"webbody_{split}", "kind": "webbody_shards", "path": str(bundle), "split": split})
-    return datasets, split
+    by_split = _identities_by_split(bundle)
+    train_ids = by_split.get("train", set())
+    if list(bundle.glob("webbody-test-*.tar")):
+        test_ids = by_split.get("test", set())
+        shared = sorted(test_ids & train_ids)
+        if shared:
+            raise RuntimeError(f"{bundle}: {len(shared)} test identities are also training identities "
+                               f"(e.g. {shared[:3]}): refusing to report a held-out score")
+        datasets.append({"name": "webbody_test", "kind": "webbody_shards", "path": str(bundle), "split": "test"})
+        held = {"dataset": "webbody_test", "source": "the bundle's WebBody-test split",
+                "identities": len(test_ids), "identities_also_in_training": 0}
+    else:
+        root = _generated_held_out(out / "held_out_generated")
+        gen_ids = _identities_by_split(root).get("test", set())
+        shared = sorted(gen_ids & train_ids)
+        if shared:
+            raise RuntimeError(f"generated held-out identities {shared[:3]} are training identities")
+        datasets.append({"name": "generated_held_out", "kind": "webbody_shards", "path": str(root), "split": "test"})
+        held = {"dataset": "generated_held_out",
+                "source": "generated identities (sapiensid.data.synthetic), none of them in the build",
+                "why": "the bundle has no test split (too few identities eligible for WebBody-test)",
+                "identities": len(gen_ids), "identities_also_in_training": 0,
+                "caveat": "a smoke check of the evaluation path on drawn figures, not a score on real people"}
+    held["training_identities"] = len(train_ids)
+    held["training_split_evaluated"] = False
+    return datasets, held
 
 
 DEFAULT_TRAIN_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "train_demo.yaml")
@@ -88,7 +151,7 @@ def run_end_to_end(config_path: str | None, output: str, ray_address: str | None
         trained = train_flow(str(train_cfg))
     else:
         trained = _run_training(str(train_cfg), None, 1, 0, None, False)
-    datasets, split = eval_datasets(config_path, bundle)
+    datasets, held_out = eval_datasets(config_path, bundle, out)
     eval_out = str(out / "evaluation")
     if use_prefect:
         evaluated = evaluate_flow(trained["checkpoint"], datasets, None, eval_out)
@@ -98,9 +161,11 @@ def run_end_to_end(config_path: str | None, output: str, ray_address: str | None
         "build": {k: v for k, v in built.items() if k != "funnel"},
         "checkpoint": trained["checkpoint"],
         "train": trained,
-        "evaluation": {"json": evaluated["json"], "markdown": evaluated["markdown"], "webbody_split": split},
+        "evaluation": {"json": evaluated["json"], "markdown": evaluated["markdown"], "held_out": held_out},
     }
     (out / "end_to_end.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"evaluated on held-out identities only: {held_out['dataset']} ({held_out['source']}, "
+          f"{held_out['identities']} identities, none of the {held_out['training_identities']} training ones)")
     return result
 
 

@@ -93,6 +93,8 @@ class PersonsConfig(_Strict):
     crop_quality: int = Field(95, ge=1, le=100)
     fill: int = Field(255, ge=0, le=255)  # white, matching the download's border padding
     iou: float = Field(0.7, gt=0, le=1)  # NMS IoU (Ultralytics' default, as the official run)
+    # Inference backend (pipeline/inference.py); auto = the fastest installed here. Part of the config hash.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     # Execution only (left out of the output's config hash): None = the `run` section's value.
     num_actors: int | None = Field(None, ge=1)
     actor_cpus: float | None = Field(None, gt=0)
@@ -115,6 +117,9 @@ class FacesConfig(_Strict):
     # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
     # weights for tests and benchmarks.
     embedder_model: str | None = None
+    # Inference backend of the detector and the KP-RPE embedder (pipeline/inference.py); auto = the fastest
+    # installed here (dlib and insightface's ArcFace keep their own runtimes). Part of the config hash.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     kprpe_size: Literal["base", "tiny"] = "base"
     dlib_shape_predictor: str = "shape_predictor_5_face_landmarks.dat"
     keypoint_conf: float = Field(0.5, ge=0, le=1)  # a body keypoint is visible at this YOLO confidence

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -259,16 +258,102 @@ def run_to_end(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: Path 
             log.close()
 
 
-def kill_schedule(n: int, work_s: float, seed: int, start_s: float = 0.0) -> list[float]:
-    """Kill instants for a series of `n` resumed runs of one build.
+# -- kills chosen by progress ----------------------------------------------------------------------------------
 
-    Each run first spends `start_s` starting up (imports, model loads, skipping finished shards), then
-    works; it is killed a random `0.25..1.25 x work_s / n` seconds into its work. Since every run resumes
-    where the last was killed, the kills walk through the whole build (early, middle and late stages)
-    instead of all landing in its first stretch.
-    """
-    rng = random.Random(seed)
-    return [round(start_s + work_s * (0.25 + rng.random()) / n, 3) for _ in range(n)]
+STAGES = ("query", "download", "persons", "faces", "clean", "bundle")
+POLL_S = 0.01
+
+
+def _entries(stage_dir: Path) -> set[str]:
+    try:
+        return {p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*")}
+    except (FileNotFoundError, OSError):  # a temporary vanished mid-listing: list again next poll
+        return set()
+
+
+def stage_in_progress(out: Path, stages: Sequence[str] = STAGES) -> str:
+    """The stage a build is working on: the first without its roll-up `stats.json` ("finish" after all)."""
+    return next((s for s in stages if not (out / s / "stats.json").exists()), "finish")
+
+
+def stage_timeline(cmd: Sequence[str], out: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+                   log_path: Path | None = None, timeout_s: float = 900,
+                   stages: Sequence[str] = STAGES) -> tuple[int, dict[str, dict[str, float]]]:
+    """Run `cmd` to the end, watching `out`: when each stage's folder first gets an entry (its claim file, a
+    temporary, a marker) and when its `stats.json` appears, in seconds from the start."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    seen: dict[str, dict[str, float]] = {s: {} for s in stages}
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        while True:
+            rc = proc.poll()
+            now = time.monotonic() - t0
+            for s in stages:
+                d = out / s
+                if "first_s" not in seen[s] and d.exists() and _entries(d):
+                    seen[s]["first_s"] = round(now, 3)
+                if "done_s" not in seen[s] and (d / "stats.json").exists():
+                    seen[s]["done_s"] = round(now, 3)
+            if rc is not None:
+                return rc, seen
+            if now > timeout_s:
+                kill_group(proc)
+                raise TimeoutError(f"{list(cmd)} ran over {timeout_s} s")
+            time.sleep(POLL_S)
+    finally:
+        if log_path:
+            log.close()
+
+
+def run_killed_in_stage(cmd: Sequence[str], out: Path, stage: str, offset_s: float,
+                        env: dict[str, str] | None = None, cwd: Path | None = None,
+                        log_path: Path | None = None, timeout_s: float = 900) -> dict:
+    """Start `cmd`; once `stage`'s folder gets a NEW entry (a temporary, a marker or its claim file: this run
+    has started writing it), wait `offset_s` more, then SIGKILL the whole process group.
+
+    Returns what happened: `killed` (False when the run ended first), `trigger_s` (when the stage started
+    writing, None if it never did in this run), `landed_in` (the stage in progress at the kill)."""
+    d = out / stage
+    before = _entries(d) if d.exists() else set()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        trigger: float | None = None
+        while True:
+            rc = proc.poll()
+            now = time.monotonic() - t0
+            if rc is not None:
+                return {"stage": stage, "offset_s": round(offset_s, 3), "killed": False, "rc": rc,
+                        "trigger_s": trigger, "landed_in": None}
+            if trigger is None and d.exists() and (_entries(d) - before):
+                trigger = round(now, 3)
+            if trigger is not None and now >= trigger + offset_s:
+                kill_group(proc)
+                # Read after the kill: the tree is frozen, so the first unfinished stage is where it landed.
+                landed = stage_in_progress(out)
+                return {"stage": stage, "offset_s": round(offset_s, 3), "killed": True, "rc": proc.returncode,
+                        "trigger_s": trigger, "kill_s": round(now, 3), "landed_in": landed}
+            if now > timeout_s:
+                kill_group(proc)
+                raise TimeoutError(f"{list(cmd)} ran over {timeout_s} s")
+            time.sleep(POLL_S)
+    finally:
+        if log_path:
+            log.close()
+
+
+def stage_windows(timeline: dict[str, dict[str, float]]) -> dict[str, float]:
+    """How long each stage wrote (first entry -> stats.json) in an undisturbed build: the range kill
+    offsets are drawn from."""
+    out = {}
+    for s, t in timeline.items():
+        if "first_s" in t and "done_s" in t:
+            out[s] = max(t["done_s"] - t["first_s"], POLL_S)
+    return out
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

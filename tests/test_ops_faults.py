@@ -1,20 +1,29 @@
-"""Crash safety of the whole build: `webbody build` SIGKILLed at random moments, then re-run.
+"""Crash safety of the whole build: `webbody build` SIGKILLed inside every stage, then re-run.
 
 A small real corpus (photos from registry packages, served from 127.0.0.1, real YOLO11n-pose, RetinaFace
-and dlib models) is built once undisturbed. Then a second build directory is built by a series of runs,
-each SIGKILLed (with every process it started) at a random instant, and a last run to completion. After
-every kill nothing visible may be corrupt (no marker that lies about its shard); at the end every file
-must equal the undisturbed build's byte for byte (stats JSON compared without wall-clock `seconds`), and
-one more run must change nothing.
+and dlib models) is built once undisturbed, watching when each stage starts writing (its first claim file,
+temporary or marker) and when its roll-up appears. Then a second build directory is built by a series of
+runs, each aimed at one stage: the run is SIGKILLed (with every process it started) a random offset after
+that stage starts writing in that run, the offset drawn within the stage's undisturbed duration, so kills
+land in query, download, persons, faces, clean and bundle alike. A kill lands in the stage that was in
+progress when it struck (the first without its `stats.json`), which is what is counted. After every kill
+nothing visible may be corrupt (no marker that lies about its shard); at the end every file must equal the
+undisturbed build's byte for byte (stats JSON compared without wall-clock `seconds`), and one more run
+must change nothing.
 
-CI runs a few kills (WEBBODY_FAULTS, default 5); the long run is `@pytest.mark.slow` and runs only when
-WEBBODY_FAULTS_LONG is set:  WEBBODY_FAULTS_LONG=30 pytest tests/test_ops_faults.py -m slow -s
+CI: one kill aimed at each of the six stages (a stage that is missed is aimed at again in a second series
+with smaller offsets) and at least one must land in every stage. The long run (`@pytest.mark.slow`, only
+when WEBBODY_FAULTS_LONG is set) does rounds of six, local and Ray executors alternating, until that many
+kills have landed, and writes the tally to `benchmarks/results/faults.json`:
+  WEBBODY_FAULTS_LONG=30 pytest tests/test_ops_faults.py -m slow -k long -s
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -23,11 +32,14 @@ import pytest
 import yaml
 
 from tests.faults import (
+    STAGES,
     diff_trees,
-    kill_schedule,
     leftover_temporaries,
-    run_killed_at,
+    run_killed_in_stage,
     run_to_end,
+    stage_in_progress,
+    stage_timeline,
+    stage_windows,
     subprocess_env,
     tree_digests,
     visible_problems,
@@ -83,44 +95,52 @@ def build_cmd(config: Path, output: Path, executor: str = "local") -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    """The undisturbed build, and how long it took (the window the kills are spread over)."""
+    """The undisturbed build, and when each of its stages wrote (the windows kill offsets are drawn from)."""
     out = tmp_path_factory.mktemp("fault-ref") / "build"
     log = out.parent / "log.txt"
     t0 = time.monotonic()
-    rc = run_to_end(build_cmd(corpus, out), env=subprocess_env(), cwd=REPO, log_path=log)
+    rc, timeline = stage_timeline(build_cmd(corpus, out), out, env=subprocess_env(), cwd=REPO, log_path=log)
     elapsed = time.monotonic() - t0
     assert rc == 0, log.read_text()[-4000:]
     digests = tree_digests(out, exclude=VOLATILE_FILES)
     assert any(k.startswith("bundle/") and k.endswith(".tar") for k in digests), "the reference built no shard"
-    # A run over a finished build does only start-up work: its duration is the part of each resumed run
-    # before it reaches unfinished work. It must also change nothing.
-    t0 = time.monotonic()
-    assert run_to_end(build_cmd(corpus, out), env=subprocess_env(), cwd=REPO, log_path=log) == 0, \
-        log.read_text()[-4000:]
-    startup = time.monotonic() - t0
-    assert tree_digests(out, exclude=VOLATILE_FILES) == digests
-    return out, digests, {"total_s": elapsed, "startup_s": startup, "work_s": max(elapsed - startup, 1.0)}
+    windows = stage_windows(timeline)
+    assert sorted(windows) == sorted(STAGES), f"a stage wrote nothing or no roll-up: {timeline}"
+    # (That a further run over a finished build changes nothing is checked after every kill series.)
+    return out, digests, {"total_s": round(elapsed, 2), "timeline": timeline, "windows": windows}
 
 
-def stages_finished(out: Path) -> list[str]:
-    return [d.name for d in sorted(out.iterdir()) if (d / "stats.json").exists()] if out.exists() else []
-
-
-def kill_series(config: Path, out: Path, delays: list[float], executor: str = "local") -> list[dict]:
-    """Run the build once per delay, killing it then; return what each kill interrupted."""
+def kill_through_stages(config: Path, out: Path, targets: list[str], windows: dict[str, float],
+                        rng: random.Random, executor: str = "local", scale: float = 0.6) -> list[dict]:
+    """One run per target stage (in build order), each killed a random offset, in [0, scale x the stage's
+    undisturbed duration), after that stage starts writing; a target the build has already passed is skipped."""
     log = out.parent / f"{out.name}.log"
     records = []
-    for delay in delays:
-        before = stages_finished(out)
-        rec = run_killed_at(build_cmd(config, out, executor), delay, env=subprocess_env(), cwd=REPO, log_path=log)
-        problems = visible_problems(out) if out.exists() else []
-        records.append({"delay_s": delay, "killed": rec.killed, "rc": rec.returncode,
-                        "stages_done_before": before, "stages_done_after": stages_finished(out),
-                        "visible_problems": problems})
-        assert problems == [], f"after a kill at {delay}s: {problems}"
-        if not rec.killed:
-            assert rec.returncode == 0, log.read_text()[-4000:]
+    for stage in targets:
+        current = stage_in_progress(out)
+        if current == "finish" or STAGES.index(stage) < STAGES.index(current):
+            records.append({"stage": stage, "killed": False, "skipped": "build already past this stage",
+                            "landed_in": None})
+            continue
+        offset = rng.random() * scale * windows[stage]
+        rec = run_killed_in_stage(build_cmd(config, out, executor), out, stage, offset, env=subprocess_env(),
+                                  cwd=REPO, log_path=log)
+        rec["executor"] = executor
+        rec["visible_problems"] = visible_problems(out) if out.exists() else []
+        records.append(rec)
+        assert rec["visible_problems"] == [], f"after a kill aimed at {stage}: {rec}"
+        if not rec["killed"]:
+            assert rec["rc"] == 0, log.read_text()[-4000:]
+            break  # the build finished: nothing left to kill in this series
     return records
+
+
+def landed_per_stage(records: list[dict]) -> dict[str, int]:
+    counts = {s: 0 for s in (*STAGES, "finish")}
+    for r in records:
+        if r.get("killed"):
+            counts[r["landed_in"]] += 1
+    return counts
 
 
 def finish_and_compare(config: Path, out: Path, expected: dict[str, str], executor: str = "local") -> None:
@@ -136,64 +156,83 @@ def finish_and_compare(config: Path, out: Path, expected: dict[str, str], execut
     assert tree_digests(out, exclude=VOLATILE_FILES) == got
 
 
-def _report(name: str, records: list[dict], tmp: Path, timing: dict) -> dict:
-    landed = [r for r in records if r["killed"]]
-    summary = {
-        "series": name,
-        "timing": timing,
-        "kills_tried": len(records),
-        "kills_landed": len(landed),
-        "survived": len(records),  # reached only when the final comparison passed
-        "interrupted_stage_counts": _stage_counts(landed),
-        "records": records,
-    }
-    (tmp / f"{name}.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n[faults] {name}: {len(landed)} kills landed of {len(records)} tried, all survived; "
-          f"interrupted while working on: {summary['interrupted_stage_counts']}")
-    return summary
+def _print(name: str, records: list[dict]) -> None:
+    landed = [r for r in records if r.get("killed")]
+    print(f"\n[faults] {name}: {len(landed)} kills landed of {len(records)} aimed, all survived; "
+          f"landed per stage: {landed_per_stage(records)}")
 
 
-def _stage_counts(records: list[dict]) -> dict[str, int]:
-    order = ["query", "download", "persons", "faces", "clean", "bundle"]
-    counts: dict[str, int] = {}
-    for r in records:
-        done = set(r["stages_done_after"])
-        current = next((s for s in order if s not in done), "finish")
-        counts[current] = counts.get(current, 0) + 1
-    return counts
+def test_sigkill_in_every_stage_then_resume(corpus, reference, tmp_path):
+    _, expected, timing = reference
+    rng = random.Random(20251)
+    records: list[dict] = []
+    for series, scale in enumerate((0.6, 0.25)):
+        counts = landed_per_stage(records)
+        targets = [s for s in STAGES if counts[s] == 0]
+        if not targets:
+            break
+        out = tmp_path / f"series{series}" / "build"
+        out.parent.mkdir(parents=True)
+        got = kill_through_stages(corpus, out, targets, timing["windows"], rng, scale=scale)
+        finish_and_compare(corpus, out, expected)
+        records += got
+    (tmp_path / "ci.json").write_text(json.dumps({"timing": timing, "records": records}, indent=1))
+    _print("ci", records)
+    counts = landed_per_stage(records)
+    assert all(counts[s] >= 1 for s in STAGES), f"no kill landed in some stage: {counts}; {records}"
 
 
-def test_sigkill_at_random_moments_then_resume(corpus, reference, tmp_path):
-    ref_out, expected, timing = reference
-    n = int(os.environ.get("WEBBODY_FAULTS", "5"))
-    out = tmp_path / "build"
-    delays = kill_schedule(n, timing["work_s"], seed=20251, start_s=timing["startup_s"])
-    records = kill_series(corpus, out, delays, executor="local")
-    finish_and_compare(corpus, out, expected)
-    summary = _report("ci", records, tmp_path, timing)
-    assert summary["kills_landed"] >= max(1, n // 2), "too few kills landed inside the build to mean anything"
+def _write_tally(rec, records: list[dict], rounds: int, want: int, timing: dict,
+                 complete: bool) -> tuple[dict[str, int], int, int]:
+    from benchmarks.paired import headline
+
+    counts = landed_per_stage(records)
+    landed = sum(counts.values())
+    tried = sum(1 for r in records if "skipped" not in r)
+    stages_hit = sum(1 for s in STAGES if counts[s] > 0)
+    state = "complete" if complete else f"partial: {rounds} round(s) so far"
+    rec.write(
+        {"kills_landed": headline(landed, unit="kills", target=f">= {want}",
+                                  note=f"{tried} aimed over {rounds} rounds, local and Ray alternating ({state})"),
+         "stages_with_landed_kills": headline(stages_hit, unit="of 6", target="== 6"),
+         "survived": headline(True, target="== true",
+                              note="after every round: no lying marker after any kill, byte-identical to the "
+                                   "undisturbed build, and a further run changed nothing")},
+        details={"complete": complete, "landed_per_stage": counts, "tried": tried, "rounds": rounds,
+                 "timing": timing, "records": records},
+    )
+    return counts, landed, stages_hit
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("WEBBODY_FAULTS_LONG"),
-                    reason="the long fault run (~20 min): set WEBBODY_FAULTS_LONG=30 to run it")
+                    reason="the long fault run (~30 min): set WEBBODY_FAULTS_LONG=30 to run it")
 def test_sigkill_long_run(corpus, reference, tmp_path):
-    """Many kills, in several independent series (local executor and Ray), each compared at the end."""
-    ref_out, expected, timing = reference
-    total = int(os.environ["WEBBODY_FAULTS_LONG"])
-    per_series = 6
-    landed = tried = 0
-    for i in range(0, total, per_series):
-        k = min(per_series, total - i)
-        executor = "ray" if (i // per_series) % 2 else "local"
-        # Ray adds its own start-up (~4 s here): shift the kills so they still land in the stages' work.
-        extra = 4.0 if executor == "ray" else 0.0
-        out = tmp_path / f"series{i // per_series}" / "build"
+    """Rounds of one kill aimed at each stage, fresh build each round, local and Ray executors alternating,
+    each round compared byte for byte at the end; the tally goes to benchmarks/results/faults.json."""
+    from benchmarks.paired import Recorder
+
+    _, expected, timing = reference
+    want = int(os.environ["WEBBODY_FAULTS_LONG"])
+    rec = Recorder("faults", {"WEBBODY_FAULTS_LONG": want})
+    rng = random.Random(1000 + want)
+    records: list[dict] = []
+    rounds = 0
+    max_rounds = 2 * math.ceil(want / len(STAGES))
+    while sum(landed_per_stage(records).values()) < want and rounds < max_rounds:
+        executor = "ray" if rounds % 2 else "local"
+        out = tmp_path / f"round{rounds}-{executor}" / "build"
         out.parent.mkdir(parents=True)
-        delays = kill_schedule(k, timing["work_s"], seed=1000 + i, start_s=timing["startup_s"] + extra)
-        records = kill_series(corpus, out, delays, executor=executor)
+        # Offsets over most of each stage's window: some kills run past their stage and land in the next.
+        got = kill_through_stages(corpus, out, list(STAGES), timing["windows"], rng, executor, scale=0.9)
         finish_and_compare(corpus, out, expected, executor=executor)
-        s = _report(f"long-{i // per_series}-{executor}", records, tmp_path, timing)
-        tried += s["kills_tried"]
-        landed += s["kills_landed"]
-    print(f"\n[faults] long run: {landed} kills landed of {tried} tried, all survived")
+        for r in got:
+            r["round"] = rounds
+        records += got
+        rounds += 1
+        _print(f"round {rounds} ({executor})", got)
+        # Written after every round, so a run cut short still leaves its (partial, labelled) tally.
+        counts, landed, stages_hit = _write_tally(rec, records, rounds, want, timing, complete=False)
+    counts, landed, stages_hit = _write_tally(rec, records, rounds, want, timing, complete=True)
+    _print("long run", records)
+    assert landed >= want and stages_hit == len(STAGES), counts

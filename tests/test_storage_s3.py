@@ -136,8 +136,16 @@ def test_query_writes_its_manifest_to_s3(s3_bucket, tmp_path):
     cfg = QueryConfig(inputs=[{"path": str(lst)}], shard_size=4)
     local = build_manifest(cfg, tmp_path / "m")
     remote = build_manifest(cfg, storage.join(s3_bucket, "m"))
-    assert {k: local[k] for k in ("rows_in", "rows_out", "drops")} == {k: remote[k] for k in ("rows_in", "rows_out", "drops")}
+    keys = ("rows_in", "rows_out", "drops", "identities")
+    assert {k: local[k] for k in keys} == {k: remote[k] for k in keys}
     assert _comparable(_objects(storage.join(s3_bucket, "m"))) == _comparable(_local_objects(tmp_path / "m"))
+    # inputs on S3 too: a prefix holding the list (and a list of opted-out names)
+    storage.put_bytes(storage.join(s3_bucket, "urls", "url.lst"), lst.read_bytes())
+    storage.put_bytes(storage.join(s3_bucket, "optout.txt"), b"L1\n")
+    cfg_s3 = QueryConfig(inputs=[{"path": storage.join(s3_bucket, "urls")}], shard_size=4,
+                         optout_names=storage.join(s3_bucket, "optout.txt"))
+    from_s3 = build_manifest(cfg_s3, storage.join(s3_bucket, "m2"))
+    assert from_s3["drops"] == {"optout_name": 4} and from_s3["rows_out"] == 8
 
 
 @pytest.mark.slow
@@ -152,3 +160,62 @@ def test_ray_executor_on_s3_equals_local(s3_bucket, tmp_path, ray_local):
     ex.run(AddOffset(), storage.join(s3_bucket, "sq"), storage.join(s3_bucket, "off"))  # one task per shard
     for name in ("sq", "off"):
         assert _comparable(_objects(storage.join(s3_bucket, name))) == _comparable(_local_objects(tmp_path / name))
+
+
+_KILL_TARGET = """
+import sys, time
+from pipeline.runtime import ensure_offline_env
+ensure_offline_env()
+from pipeline.executors import LocalExecutor
+from tests.faults import SlowSquare, AddOffset, make_toy_input
+from pipeline.shards import DatasetDir
+root = sys.argv[1]
+inp = DatasetDir(root + "/in")
+if not inp.has("stats.json"):
+    make_toy_input(root + "/in", n_shards=8, rows=12)
+    inp.write_json("stats.json", {"complete": True})
+LocalExecutor().run(SlowSquare(delay=0.03), root + "/in", root + "/square")
+LocalExecutor().run(AddOffset(offset=2, delay=0.01), root + "/square", root + "/offset")
+print("DONE")
+"""
+
+
+def _run_target(root: str, kill_after: float | None = None) -> bool:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_TARGET, root], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else 600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+    assert proc.returncode == 0, out.decode()[-3000:]
+    return True
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_on_s3_then_rerun_gives_the_same_bytes(s3_bucket):
+    import random
+
+    ref, killed = storage.join(s3_bucket, "ref"), storage.join(s3_bucket, "killed")
+    t0 = __import__("time").perf_counter()
+    _run_target(ref)
+    build_seconds = __import__("time").perf_counter() - t0
+    rng = random.Random(7)
+    kills = 0
+    for frac in (0.35, 0.55, 0.75, 0.9):
+        if _run_target(killed, kill_after=build_seconds * frac + rng.uniform(0, 0.3)):
+            break
+        kills += 1
+    _run_target(killed)
+    assert kills >= 2, "every kill landed after the build had finished: the test proves nothing"
+    assert _comparable(_objects(killed)) == _comparable(_objects(ref))
+    # no marker vouches for bytes it does not describe
+    for name in ("square", "offset"):
+        d = DatasetDir(storage.join(killed, name))
+        for sid in d.done_ids():
+            d.read_shard(sid, verify=True)

@@ -47,6 +47,34 @@ def test_end_to_end_on_demo_corpus(tmp_path):
     assert (tmp_path / "e2e" / "train" / "checkpoints" / "step_00000008" / "DONE").exists()
     assert result["checkpoint"].endswith("step_00000008")
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
-    split = result["evaluation"]["webbody_split"]
-    assert f"webbody_{split}" in report["results"]
+    held = result["evaluation"]["held_out"]
+    # Never the training split: the demo bundle has no test split, so a generated held-out set is used.
+    assert held["training_split_evaluated"] is False and held["identities_also_in_training"] == 0
+    assert held["dataset"] in report["results"] and "webbody_train" not in report["results"]
     assert (out / "evaluation" / "evaluation.md").read_text().startswith("# SapiensID evaluation")
+
+
+def test_end_to_end_evaluates_held_out_identities_only(tmp_path):
+    from flows.end_to_end import eval_datasets
+
+    bundle = tmp_path / "bundle"
+    write_shards(bundle, n_identities=3, per_identity=3, split="train", samples_per_shard=16)
+    # No test split: a generated held-out set, none of whose identities is in training.
+    datasets, held = eval_datasets(None, bundle, tmp_path / "run")
+    assert [d["name"] for d in datasets] == ["generated_held_out"] and held["identities"] == 8
+    assert held["training_identities"] == 3 and held["identities_also_in_training"] == 0
+    assert datasets[0]["split"] == "test" and "train" not in datasets[0]["path"].rsplit("/", 1)[-1]
+    again, _ = eval_datasets(None, bundle, tmp_path / "run")  # a re-run reuses the same set
+    assert again == datasets
+    # A test split of other identities: used as is.
+    write_shards(bundle, n_identities=2, per_identity=3, split="test", samples_per_shard=16, image_seed=1,
+                 label_offset=10)
+    datasets, held = eval_datasets(None, bundle, tmp_path / "run")
+    assert datasets == [{"name": "webbody_test", "kind": "webbody_shards", "path": str(bundle), "split": "test"}]
+    assert held["identities"] == 2
+    # A "test" split that shares identities with training is refused, not scored.
+    leaky = tmp_path / "leaky"
+    write_shards(leaky, n_identities=3, per_identity=3, split="train", samples_per_shard=16)
+    write_shards(leaky, n_identities=2, per_identity=3, split="test", samples_per_shard=16, image_seed=1)
+    with pytest.raises(RuntimeError, match="also training identities"):
+        eval_datasets(None, leaky, tmp_path / "run2")

@@ -245,7 +245,8 @@ def write_shards(
         jpg, meta = sample_record(key, label, split, img, fields)
         assert writer is not None
         writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
-        rows.append({"key": key, "shard": Path(paths[-1]).name, "label": label, "split": split})
+        rows.append({"key": key, "shard": Path(paths[-1]).name, "label": label, "split": split,
+                     "identity": meta["identity"]})
     if writer is not None:
         writer.close()
     _write_index(out, rows)

@@ -130,7 +130,8 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
         return run
 
-    ratio = paired_ratio(step(models["full"]), step(models["lora"]), pairs=args.pairs)
+    # ratio = time(B) / time(A): A = LoRA, B = full
+    ratio = paired_ratio(step(models["lora"]), step(models["full"]), pairs=args.pairs)
 
     sampler_runs = []
     test4 = read_folder(work / "test4", missing_domain="keep", min_images=1)

@@ -257,3 +257,29 @@ def test_cli_finetune_no_prefect(small_set, tmp_path):
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
     with pytest.raises(ValueError, match="unknown finetune config"):
         FinetuneConfig.from_dict({"learning_rate": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_flow_computes_missing_keypoints_then_finetunes(small_set, tmp_path):
+    """The flow's steps: images without keypoints get the persons stage's pose keypoints, written once, then
+    fine-tuning and evaluation. Run as `webbody finetune --no-prefect` (the same steps without the Prefect
+    engine: on a loaded machine the ephemeral Prefect API server's start-up timed out)."""
+    from flows.finetune import compute_keypoints, run_finetune
+
+    for name in ("train", "test"):
+        shutil.copytree(small_set / name, tmp_path / name)
+        (tmp_path / name / "keypoints.json").unlink()
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(
+        "finetune:\n  base_model: tiny\n  model_overrides: {input_size: 32}\n  pose_model: asset:yolo11n-pose.pt\n"
+        f"  train_root: {tmp_path / 'train'}\n  eval_root: {tmp_path / 'test'}\n  output_dir: {tmp_path / 'run'}\n"
+        "  p: 3\n  k: 1\n  max_steps: 1\n  threads: 1\n  features: [global]\n  evaluate_base: false\n"
+    )
+    counts = compute_keypoints.fn(str(cfg), None)
+    assert counts == {str(tmp_path / 'train'): 54, str(tmp_path / 'test'): 24}
+    result = run_finetune(str(cfg))
+    written = json.loads((tmp_path / "train" / "keypoints.json").read_text())
+    assert len(written) == 6 * 3 * 3 and all(np.asarray(v).shape == (22, 2) for v in written.values())
+    assert len(json.loads((tmp_path / "test" / "keypoints.json").read_text())) == 4 * 3 * 2
+    assert result["summary"]["no_keypoints"] == 0 and "finetuned" in result["reports"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline import clean
 from pipeline.clean.load import load_faces
 from pipeline.clean.merge import merge_identities
 from pipeline.clean.partition import NamesStage, merge_from_centers, name_groups, name_steps
@@ -91,15 +92,33 @@ def test_names_pass_and_center_merge_match_single_process(tmp_path, layout):
     assert reasons["cy2_0"] == "low_face_score"
 
 
+def _selection_bytes(root) -> dict[str, bytes]:
+    d = DatasetDir(root)
+    return {sid: d.parquet(sid).read_bytes() for sid in d.done_ids()}
+
+
+@pytest.mark.parametrize("layout", ["aligned", "split"])
+def test_stage_equals_single_process_byte_for_byte(tmp_path, layout):
+    aligned, split = faces_dirs(tmp_path, build_rows(2))
+    faces = aligned if layout == "aligned" else split
+    cfg = BuildConfig()
+    ref = clean.run_single_process(cfg, {"faces": faces.root}, tmp_path / "single")
+    got = clean.run(cfg, {"faces": faces.root}, tmp_path / "part", executor=make_executor("local"))
+    assert _selection_bytes(tmp_path / "part") == _selection_bytes(tmp_path / "single")
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in ref["funnel"]]
+    assert got["funnel"] == strip and got["steps"] == ref["steps"] and got["drops"] == ref["drops"]
+    assert got["identities"] == ref["identities"] and got["images"] == ref["images"]
+
+
 @pytest.mark.slow
-def test_names_pass_ray_matches_local_byte_for_byte(tmp_path, ray_local):
-    cfg = BuildConfig().clean
+def test_stage_on_ray_matches_local_byte_for_byte(tmp_path, ray_local):
     aligned, _ = faces_dirs(tmp_path, build_rows(1))
-    make_executor("local").run(NamesStage(cfg), {"faces": aligned.uri}, str(tmp_path / "local"))
-    make_executor("ray", task_cpus=0.5).run(NamesStage(cfg), {"faces": aligned.uri}, str(tmp_path / "ray"))
-    a, b = DatasetDir(tmp_path / "local"), DatasetDir(tmp_path / "ray")
-    assert a.done_ids() == b.done_ids() == ["00000", "00001"]
-    for sid in a.done_ids():
-        assert a.parquet(sid).read_bytes() == b.parquet(sid).read_bytes()
-        name = f"centers-{sid}.parquet"
-        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+    cfg = BuildConfig()
+    clean.run(cfg, {"faces": aligned.root}, tmp_path / "local", executor=make_executor("local"))
+    clean.run(cfg, {"faces": aligned.root}, tmp_path / "ray", executor=make_executor("ray", task_cpus=0.5))
+    assert _selection_bytes(tmp_path / "ray") == _selection_bytes(tmp_path / "local")
+    assert list(_selection_bytes(tmp_path / "ray")) == ["00000", "00001"]
+    for sub in ("_names", "_dedup"):
+        for sid in ("00000", "00001"):
+            name = f"{sub}/centers-{sid}.parquet"
+            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()

@@ -4,6 +4,6 @@
 `pipeline.valsets`. The steps are small modules: cluster, merge, dedup, overlap, select (their order).
 """
 
-from pipeline.clean.stage import run
+from pipeline.clean.stage import run, run_single_process
 
-__all__ = ["run"]
+__all__ = ["run", "run_single_process"]

@@ -149,8 +149,9 @@ def merge_centers(names: list[str], sums: np.ndarray, counts: np.ndarray, merge:
         into[a] = b
     idx = np.arange(len(names))
     losers = {names[_smaller_index(int(a), int(b), counts, names)] for a, b in zip(idx[i], idx[j])}
+    lost = sum(int(counts[k]) for k in range(len(names)) if names[k] in losers)
     report = {"merge_rounds": rounds, "identities_merged_away": merged, "ambiguous_pairs": int(len(i)),
-              "ambiguous_identities_dropped": len(losers)}
+              "ambiguous_identities_dropped": len(losers), "ambiguous_images_dropped": lost}
     return into, losers, report
 
 

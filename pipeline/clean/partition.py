@@ -24,8 +24,10 @@ the dataset's size; the driver holds the plan (shard ids) and then the centers o
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,12 +39,24 @@ from scipy.sparse.csgraph import connected_components
 from pipeline import storage
 from pipeline.clean.cluster import cluster_names
 from pipeline.clean.copies import collapse_copies
+from pipeline.clean.dedup import drop_near_duplicates
 from pipeline.clean.load import load_faces
 from pipeline.clean.merge import identity_sums, merge_centers
+from pipeline.clean.overlap import load_valsets
+from pipeline.clean.search import best_match
 from pipeline.clean.select import identity_strings, resolve_thresholds
-from pipeline.config import CleanConfig
-from pipeline.shards import DatasetDir
-from pipeline.stage import PlanContext, PlannedStage, UnitContext, UnitResult, WorkUnit
+from pipeline.clean.state import DROPPED, normalise
+from pipeline.config import BuildConfig, CleanConfig
+from pipeline.shards import DatasetDir, file_sha256
+from pipeline.stage import (
+    FinishResult,
+    PlanContext,
+    PlannedStage,
+    UnitContext,
+    UnitResult,
+    WorkUnit,
+    config_hash,
+)
 from schemas.clean import CLEAN
 
 log = logging.getLogger(__name__)
@@ -82,11 +96,22 @@ def name_groups(faces: DatasetDir) -> list[list[str]]:
 
 
 def name_steps(state, cfg: CleanConfig, thr) -> dict:
-    """Steps 0-2 of `clean_selection` (copies, per-name clustering, face score), in its order."""
-    report = {"copies": collapse_copies(state, cfg.copy_hash_distance, 1.0 - thr.dbscan_eps)}
+    """Steps 0-2 of `clean_selection` (copies, per-name clustering, face score), in its order; the report
+    carries the funnel rows of these rows (identities and images after each step). Names never span
+    two groups, so the funnel rows of groups add up."""
+    def by_label(step: str) -> dict:  # before clustering, identities are still the names
+        kept = state.kept()
+        return {"step": step, "identities": int(len(np.unique(state.label[kept]))), "images": int(kept.sum())}
+
+    funnel = [by_label("input")]
+    report: dict = {"copies": collapse_copies(state, cfg.copy_hash_distance, 1.0 - thr.dbscan_eps)}
+    funnel.append(by_label("copies"))
     report["cluster"] = cluster_names(state, thr.dbscan_eps, thr.dbscan_min_samples, cfg.top_k_clusters,
                                       cfg.dbscan_pair_budget, cfg.tie_share)
+    funnel.append(state.funnel_row("cluster"))
     report["face_score"] = {"dropped": state.drop(~(state.face_score > cfg.face_score), "low_face_score")}
+    funnel.append(state.funnel_row("face_score"))
+    report["funnel"] = funnel
     return report
 
 
@@ -141,6 +166,10 @@ class NamesStage(PlannedStage):
         return UnitResult(table, rows_in=b - a, drops=drops, files={centers_file(unit.id): buf.getvalue()},
                           extra_stats=extra)
 
+    def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
+        """The cross-identity merge on the units' centers; `merge.json` holds its decisions."""
+        return _names_finish(self, ctx, rollup)
+
 
 def gather_centers(names_out: DatasetDir) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(identities sorted, summed weighted features, image counts) from every unit's centers file."""
@@ -168,3 +197,248 @@ def merge_from_centers(names_out: DatasetDir, cfg: CleanConfig, embedder: str | 
         return {}, set(), {"merge_rounds": 0, "identities_merged_away": 0, "ambiguous_pairs": 0,
                            "ambiguous_identities_dropped": 0}
     return merge_centers(names, sums, counts, thr.merge, thr.ambiguous, cfg.block_size)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def _first_embedder(d: DatasetDir) -> tuple[str | None, int]:
+    for sid in d.done_ids():
+        st = d.shard_stats(sid)
+        if st.get("embedder"):
+            return st["embedder"], int(st.get("dim", 0))
+    return None, 0
+
+
+def _sum_funnels(funnels: list[list[dict]]) -> list[dict]:
+    out: dict[str, dict] = {}
+    for funnel in funnels:
+        for row in funnel:
+            acc = out.setdefault(row["step"], {"step": row["step"], "identities": 0, "images": 0})
+            acc["identities"] += row["identities"]
+            acc["images"] += row["images"]
+    return list(out.values())
+
+
+def _sum_reports(reports: list[dict]) -> dict:
+    """Numbers add up over groups; anything else (a `skipped` note) is kept as it is."""
+    out: dict = {}
+    for rep in reports:
+        for k, v in rep.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+            else:
+                out.setdefault(k, v)
+    return out
+
+
+def _names_finish(self: NamesStage, ctx: PlanContext, rollup: dict) -> FinishResult:
+    out = ctx.output
+    embedder, dim = _first_embedder(out)
+    into, losers, report = merge_from_centers(out, self.config, embedder)
+    reports = [st["group_report"] for sid in out.done_ids() if "group_report" in (st := out.shard_stats(sid))]
+    steps = {name: _sum_reports([r[name] for r in reports]) for name in ("copies", "cluster", "face_score")}
+    steps["merge"] = report
+    stats = {"embedder": embedder, "dim": dim, "funnel": _sum_funnels([r["funnel"] for r in reports]),
+             "steps": steps}
+    return FinishResult(files={"merge.json": _json_bytes({"into": into, "losers": sorted(losers)})}, stats=stats)
+
+
+
+def _shard_identities(d: DatasetDir, sid: str) -> list[str]:
+    blob = storage.get_bytes(d.join(centers_file(sid)))
+    return pq.read_table(io.BytesIO(blob), columns=["identity"]).column("identity").to_pylist()
+
+
+class DedupStage(PlannedStage):
+    """Pass "dedup": merged identities, the ambiguous rule, near-duplicates within an identity.
+
+    One unit per shard; a unit reads the shards holding rows of the (merged) identities it holds (a group:
+    connected components over shared identities; one shard unless a merge joined names of two shards)
+    and commits its own rows with their post-dedup identity, plus the identity sums of its rows.
+    """
+
+    name = "clean_dedup"
+    output_schema = CLEAN
+    sort_keys = ("person_id",)
+
+    def config_hash(self) -> str:
+        return _with_valsets(self.config)
+
+    def plan(self, ctx: PlanContext) -> list[WorkUnit]:
+        names = ctx.inputs["names"]
+        merge = names.read_json("merge.json")
+        into, losers = merge["into"], set(merge["losers"])
+        ids = names.done_ids()
+        index: dict[str, int] = {}
+        rows, cols = [], []
+        for k, sid in enumerate(ids):
+            for ident in _shard_identities(names, sid):
+                final = into.get(ident, ident)
+                if final not in losers:
+                    rows.append(k)
+                    cols.append(index.setdefault(final, len(index)))
+        inc = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), max(1, len(index))))
+        _, comp = connected_components(inc @ inc.T, directed=False)
+        units = []
+        for k, sid in enumerate(ids):
+            group = [ids[m] for m in np.flatnonzero(comp == comp[k])]
+            n = sum(names.num_rows(s) for s in group)
+            units.append(WorkUnit(sid, {"group": group}, memory=max(64 << 20, n * 8192)))
+        return units
+
+    def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+        group = list(unit.payload["group"])
+        names = ctx.inputs["names"]
+        merge = names.read_json("merge.json")
+        into, losers = merge["into"], set(merge["losers"])
+        loaded = load_faces(ctx.inputs["faces"], None, ids=group)
+        state = loaded.state
+        verdicts = pa.concat_tables([names.read_shard(s, columns=["person_id", "identity", "reason",
+                                                                  "duplicate_of"]) for s in group])
+        pos = np.asarray(pc.index_in(loaded.meta.column("person_id"), verdicts.column("person_id")))
+        ident = [None if v is None else into.get(v, v) for v in verdicts.column("identity").to_pylist()]
+        reason = verdicts.column("reason").to_pylist()
+        ident = [None if v is None else v for v in ident]
+        for m, v in enumerate(ident):
+            if v is not None and v in losers:
+                ident[m], reason[m] = None, "ambiguous_identity"
+        ident_rows = np.asarray(ident, dtype=object)[pos]
+        state.reason = np.asarray(reason, dtype=object)[pos]
+        present = sorted({v for v in ident_rows.tolist() if v is not None})
+        code = {v: c for c, v in enumerate(present)}
+        state.names = present
+        state.ident = np.asarray([DROPPED if v is None else code[v] for v in ident_rows], dtype=np.int64)
+        thr = resolve_thresholds(self.config, loaded.embedder)
+        dedup = drop_near_duplicates(state, thr.duplicate)
+        k = group.index(unit.id)
+        a, b = int(loaded.offsets[k]), int(loaded.offsets[k + 1])
+        dup = verdicts.column("duplicate_of").take(pa.array(pos[a:b]))
+        table = (loaded.meta.slice(a, b - a)
+                 .append_column("identity", pa.array(identity_strings(state)[a:b].tolist(), type=pa.string()))
+                 .append_column("kept", pa.array(state.kept()[a:b], type=pa.bool_()))
+                 .append_column("reason", pa.array(state.reason[a:b].tolist(), type=pa.string()))
+                 .append_column("duplicate_of", dup))
+        within = np.zeros(state.n, dtype=bool)
+        within[a:b] = True
+        ids, sums, counts = identity_sums(state, self.config.center_weighting, within)
+        own_dups = int(np.sum(state.reason[a:b] == "near_duplicate")) - int(
+            np.sum(np.asarray(reason, dtype=object)[pos][a:b] == "near_duplicate"))
+        drops = Counter(r for r in state.reason[a:b].tolist() if r is not None)
+        return UnitResult(table, rows_in=b - a, drops=drops,
+                          files={centers_file(unit.id): _centers_bytes([state.names[int(i)] for i in ids],
+                                                                       sums, counts)},
+                          extra_stats={"near_duplicates": own_dups, "group_dedup": dedup})
+
+    def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
+        names = ctx.inputs["names"]
+        before = names.read_json("stats.json")
+        embedder, dim = before["embedder"], before["dim"]
+        idents, sums, counts = gather_centers(ctx.output)
+        thr = resolve_thresholds(self.config, embedder)
+        funnel = list(before["funnel"])
+        after_face = funnel[-1]["images"] if funnel else 0
+        merged_images = after_face - before["steps"]["merge"]["ambiguous_images_dropped"]
+        funnel.append({"step": "merge", "identities": len(idents), "images": int(merged_images)})
+        funnel.append({"step": "near_duplicates", "identities": len(idents), "images": int(counts.sum())})
+        valsets = load_valsets(self.config.valsets, embedder, dim) if embedder else []
+        report = {vs.name: {"file": vs.path, "centers": len(vs.centers), "identities": 0, "images": 0,
+                            "matched": 0} for vs in valsets}
+        drop: dict[str, str] = {}
+        if valsets and idents:
+            centers = normalise(sums)
+            best = np.full(len(idents), -np.inf, dtype=np.float32)
+            best_set = np.full(len(idents), -1, dtype=np.int64)
+            for k, vs in enumerate(valsets):
+                sims, _ = best_match(centers, vs.centers, self.config.block_size)
+                hit = sims > thr.val_overlap
+                report[vs.name]["matched"] = int(hit.sum())
+                better = hit & (sims > best)
+                best[better], best_set[better] = sims[better], k
+            for k, vs in enumerate(valsets):
+                victims = np.flatnonzero(best_set == k)
+                report[vs.name]["identities"] = int(len(victims))
+                report[vs.name]["images"] = int(counts[victims].sum())
+                drop.update({idents[int(v)]: f"val_overlap:{vs.name}" for v in victims})
+        alive = np.asarray([i not in drop for i in idents], dtype=bool)
+        funnel.append({"step": "val_overlap", "identities": int(alive.sum()), "images": int(counts[alive].sum())})
+        small = alive & (counts < self.config.min_images)
+        drop.update({idents[int(v)]: "too_few_images" for v in np.flatnonzero(small)})
+        alive &= ~small
+        funnel.append({"step": "min_images", "identities": int(alive.sum()), "images": int(counts[alive].sum())})
+        dups = sum(int(ctx.output.shard_stats(s).get("near_duplicates", 0)) for s in ctx.output.done_ids())
+        steps = {**before["steps"], "dedup": {"near_duplicates": dups}, "val_overlap": report,
+                 "min_images": {"dropped": int(counts[small].sum())}}
+        stats = {"embedder": embedder, "funnel": funnel, "steps": steps,
+                 "thresholds": thr.model_dump(mode="json")}
+        return FinishResult(files={"final.json": _json_bytes(drop)}, stats=stats)
+
+
+def _centers_bytes(names: list[str], sums: np.ndarray, counts: np.ndarray) -> bytes:
+    table = pa.table({"identity": names, "count": np.asarray(counts, dtype=np.int64),
+                      "sum": pa.array(list(sums), type=pa.list_(pa.float32()))}, schema=CENTERS_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+class SelectStage(PlannedStage):
+    """Pass "select": the verdicts, with the identity-level drops (validation overlap, too few images)."""
+
+    name = "clean"
+    output_schema = CLEAN
+    sort_keys = ("person_id",)
+
+    def config_hash(self) -> str:
+        return _with_valsets(self.config)
+
+    def plan(self, ctx: PlanContext) -> list[WorkUnit]:
+        return [WorkUnit(sid) for sid in ctx.inputs["dedup"].done_ids()]
+
+    def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+        dedup = ctx.inputs["dedup"]
+        drop = dedup.read_json("final.json")
+        t = dedup.read_shard(unit.id)
+        ident = t.column("identity").to_pylist()
+        reason = t.column("reason").to_pylist()
+        for m, v in enumerate(ident):
+            if v is not None and v in drop:
+                ident[m], reason[m] = None, drop[v]
+        kept = [v is not None for v in ident]
+        table = (t.select(["person_id", "sample_id", "detection_index", "label", "name"])
+                 .append_column("identity", pa.array(ident, type=pa.string()))
+                 .append_column("kept", pa.array(kept, type=pa.bool_()))
+                 .append_column("reason", pa.array(reason, type=pa.string()))
+                 .append_column("duplicate_of", t.column("duplicate_of")))
+        drops = Counter(r for r in reason if r is not None)
+        return UnitResult(table, rows_in=t.num_rows, drops=drops, extra_stats={"kept": int(sum(kept))})
+
+    def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
+        before = ctx.inputs["dedup"].read_json("stats.json")
+        final = before["funnel"][-1]
+        return FinishResult(stats={"identities": final["identities"], "images": final["images"],
+                                   "funnel": before["funnel"], "steps": before["steps"],
+                                   "embedder": before["embedder"], "thresholds": before["thresholds"]})
+
+
+def _with_valsets(cfg: CleanConfig) -> str:
+    """The config hash plus the contents of the validation center files (a rebuilt file is a new input)."""
+    files = {p: (file_sha256(Path(p)) if Path(p).exists() else "missing") for p in cfg.valsets}
+    return config_hash({"clean": cfg.model_dump(mode="json"), "valsets": files})
+
+
+def run_partitioned(cfg: BuildConfig, inputs: dict, output, overwrite: bool = False, executor=None) -> dict:
+    """The three passes on `executor` (default: the run section's), the passes under `output`/_names and
+    `output`/_dedup; returns the roll-up of the selection."""
+    from pipeline.registry import executor_from_config
+
+    ex = executor or executor_from_config(cfg)
+    out = str(output)
+    names_uri, dedup_uri = storage.join(out, "_names"), storage.join(out, "_dedup")
+    first = {"faces": str(inputs["faces"])}
+    if inputs.get("persons"):
+        first["persons"] = str(inputs["persons"])
+    ex.run(NamesStage(cfg.clean), first, names_uri, overwrite)
+    ex.run(DedupStage(cfg.clean), {"faces": first["faces"], "names": names_uri}, dedup_uri, overwrite)
+    return ex.run(SelectStage(cfg.clean), {"dedup": dedup_uri}, out, overwrite).stats

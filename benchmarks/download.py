@@ -1,16 +1,17 @@
 """Download throughput: our download stage vs img2dataset's own `download()`, paired, same work, same clock.
 
-    .venv/bin/python benchmarks/download.py [--images 500] [--pairs 5] [--processes 2] [--threads 16]
+    .venv/bin/python benchmarks/download.py [--images 300] [--pairs 5] [--cpus 2] [--threads 16]
 
-Both sides are library calls from this process, timed by the same wall clock around the call (interpreter
-start-up out on both; each side's worker processes are started inside the call, so their start-up is in
-on both), on the same manifest served by the same loopback server (its own process):
+Both sides are library calls from this process on one local Ray instance (`--cpus` CPUs), timed by the
+same wall clock around the call (interpreter and Ray start-up out on both: Ray is started once, before
+the warm-up calls), on the same URLs and shards served by a loopback server in its own process:
 
-- A, ours: `pipeline.download.download(...)` with the local runner: `--processes` pool processes, one task
-  per manifest shard, each img2dataset's per-shard Downloader with our resizer, committing its shard;
-- B, img2dataset: `img2dataset.download(...)` over the same URLs (parquet in, parquet out), its
-  multiprocessing distributor with the same processes, threads and shard size (img2dataset shards =
-  our manifest shards), and the same hashing/EXIF settings as our stage: `compute_hash=None`,
+- A, ours: `pipeline.download.download(...)`, `run.executor: ray`: the contract's Ray executor, one task per
+  manifest shard (as many in flight as the CPUs), each img2dataset's per-shard Downloader with our resizer
+  and retry pass, committing its shard (parquet, stats, marker);
+- B, img2dataset: `img2dataset.download(...)` over the same URLs (parquet in, parquet out) with its Ray
+  distributor on the same Ray instance (one task per img2dataset shard; img2dataset shards = our manifest
+  shards), the same threads, and the same hashing/EXIF settings as our stage: `compute_hash=None`,
   `extract_exif=False` (ours hashes the stored image, which img2dataset then does not).
 
 Paper settings on both: 640 px border resize, JPEG 85, timeout 20, retries 1, opt-out headers honoured.
@@ -114,9 +115,9 @@ class Server:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -125,14 +126,17 @@ def main() -> None:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from pipeline.config import DownloadConfig, QueryConfig
+    from pipeline.config import BuildConfig, QueryConfig
     from pipeline.download import download
     from pipeline.query import build_manifest
+    from pipeline.runtime import init_ray
     from pipeline.shards import DatasetDir
+
+    init_ray(num_cpus=args.cpus)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="webbody-bench-download-"))
     work.mkdir(parents=True, exist_ok=True)
-    per_shard = max(1, -(-args.images // (2 * args.processes)))  # two shards per process on both sides
+    per_shard = max(1, -(-args.images // (2 * args.cpus)))  # two shards per CPU on both sides
     settings = {"image_size": 640, "resize_mode": "border", "resize_only_if_bigger": False,
                 "encode_quality": 85, "timeout": 20, "retries": 1}
     counter = {"ours": 0, "i2d": 0}
@@ -147,13 +151,12 @@ def main() -> None:
         urls = work / "urls.parquet"
         parts = [str(DatasetDir(manifest).parquet(s)) for s in DatasetDir(manifest).done_ids()]
         pq.write_table(pads.dataset(parts, format="parquet").to_table(columns=["url"]), urls)
-        cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], processes_count=args.processes,
-                             thread_count=args.threads, **settings)
-
+        cfg = BuildConfig.model_validate({"run": {"executor": "ray"}, "download": {
+            "allow_private_hosts": ["127.0.0.1"], "thread_count": args.threads, **settings}})
         def ours() -> int:
             counter["ours"] += 1
             out = work / f"ours-{counter['ours']}"
-            stats = download(cfg, manifest, out, executor="local")
+            stats = download(cfg, manifest, out)
             shutil.rmtree(out, ignore_errors=True)
             return stats["rows_out"]
 
@@ -164,11 +167,11 @@ def main() -> None:
             out = work / f"i2d-{counter['i2d']}"
             i2d_download(
                 url_list=str(urls), input_format="parquet", url_col="url", output_format="parquet",
-                output_folder=str(out), processes_count=args.processes, thread_count=args.threads,
+                output_folder=str(out), processes_count=args.cpus, thread_count=args.threads,
                 number_sample_per_shard=per_shard, image_size=640, resize_mode="border",
                 resize_only_if_bigger=False, encode_quality=85, timeout=20, retries=1,
                 disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
-                compute_hash=None, extract_exif=False, enable_wandb=False, distributor="multiprocessing",
+                compute_hash=None, extract_exif=False, enable_wandb=False, distributor="ray",
             )
             t = pads.dataset([str(p) for p in sorted(out.glob("*.parquet"))], format="parquet").to_table(
                 columns=["status"])
@@ -184,11 +187,11 @@ def main() -> None:
     rec.write(
         headlines={"ratio_vs_img2dataset": p.summary(unit="x", target=">= 0.9",
                                                      note="images/s ours / images/s img2dataset, per pair")},
-        details={"images": n, "shard_size": per_shard, "processes": args.processes, "threads": args.threads,
+        details={"images": n, "shard_size": per_shard, "ray_cpus": args.cpus, "threads": args.threads,
                  "ours_images_per_s": [round(r, 2) for r in rates_a],
                  "img2dataset_images_per_s": [round(r, 2) for r in rates_b],
-                 "same_work": "same URLs and shards, paper settings, compute_hash=None and extract_exif=False "
-                              "on img2dataset (ours hashes the stored image), worker start-up inside both calls"},
+                 "same_work": "same URLs and shards on the same local Ray, paper settings, compute_hash=None and "
+                              "extract_exif=False on img2dataset (ours hashes the stored image)"},
     )
 
 

@@ -1,25 +1,25 @@
-"""MRM speed-up: forward+backward time per sample of SapiensID-base with all candidate tokens vs MRM.
+"""MRM speed-up, paired: SapiensID with the Masked Recognition Model's keep count vs every candidate token.
 
-Both settings run in one process on CPU, interleaved (A, B, A, B, ...) so machine load hits both alike:
+Three paired measurements (`benchmarks/paired.py`: A = MRM, B = all tokens, alternating AB/BA, >= 5 pairs,
+headline = median of per-pair ratios time(all) / time(MRM), with min and max):
 
-* ``all``: every one of the 432 candidates is kept (434 tokens with CLS and the mask token);
-* ``mrm``: the paper's keep count int(432 * 0.34) = 146 (+ CLS + 1 mask token = 148 tokens).
+* ``train_step_speedup_1t`` / ``train_step_speedup_2t``: the FULL training step of `sapiensid.train.Trainer`
+  (forward, AdaFace with the Partial FC classifier, backward, gradient clipping, both AdamW steps) on the same
+  batch of generated WebBody shards, at 1 and at 2 torch threads. Both sides are the same Trainer (same weights,
+  same optimisers); only the batch's keep count differs (MRM: int(432 * 0.34) = 146 of 432; all: 432 kept).
+* ``model_speedup_1t``: the backbone alone, forward + backward of a toy loss (the mean square of the
+  embedding), 1 thread: what the token count changes directly, to compare with the FLOP ratio of the same
+  computation (counted with ``torch.utils.flop_counter``, in ``details``).
 
-FLOPs of one forward+backward are counted with ``torch.utils.flop_counter`` (matmuls, attention);
-the measured speed-up is reported beside the FLOP ratio. Writes ``benchmarks/results/mrm.json``.
-
-Usage: python benchmarks/mrm.py [--batch 2] [--repeats 3] [--preset base] [--threads N]
+Writes ``benchmarks/results/mrm.json``. Usage:
+python benchmarks/mrm.py [--preset small] [--batch 16] [--pairs 5] [--threads 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,96 +28,93 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.paired import Recorder, paired_ratio  # noqa: E402
+from pipeline.runtime import ensure_offline_env  # noqa: E402
+from sapiensid.data import to_model_inputs  # noqa: E402
+from sapiensid.data.synthetic import write_shards  # noqa: E402
 from sapiensid.masking import default_keep_count  # noqa: E402
-from sapiensid.model import SapiensID, SapiensIDConfig  # noqa: E402
+from sapiensid.train import TrainConfig, Trainer  # noqa: E402
 
 
-def person_keypoints(batch: int) -> torch.Tensor:
-    """A standing person: 17 body points + 5 face landmarks, normalised to the square input."""
-    base = torch.tensor(
-        [[0.50, 0.20], [0.53, 0.18], [0.47, 0.18], [0.56, 0.20], [0.44, 0.20], [0.62, 0.32], [0.38, 0.32],
-         [0.66, 0.45], [0.34, 0.45], [0.67, 0.57], [0.33, 0.57], [0.58, 0.60], [0.42, 0.60], [0.58, 0.77],
-         [0.42, 0.77], [0.58, 0.93], [0.42, 0.93], [0.53, 0.185], [0.47, 0.185], [0.50, 0.21], [0.525, 0.235],
-         [0.475, 0.235]]
-    )
-    return base.expand(batch, -1, -1).clone()
-
-
-def step(model: SapiensID, inputs: tuple, n_keep: int) -> None:
+def model_step(model: torch.nn.Module, inputs: tuple, n_keep: int | None) -> None:
     out = model(*inputs, n_keep=n_keep)
     out.float().pow(2).mean().backward()
     model.zero_grad(set_to_none=True)
 
 
-def count_flops(model: SapiensID, inputs: tuple, n_keep: int) -> int:
+def count_flops(model: torch.nn.Module, inputs: tuple, n_keep: int | None) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
-        step(model, inputs, n_keep)
+        model_step(model, inputs, n_keep)
     return int(counter.get_total_flops())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="base")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (0 = torch default); 1 avoids barrier stalls on a loaded machine")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--threads", default="1,2", help="torch intra-op thread counts for the train-step ratio")
+    ap.add_argument("--classes", type=int, default=16, help="identities in the generated shards")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mrm.json"))
-    args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    args = ap.parse_args(argv)
+    ensure_offline_env()
+    rec = Recorder("mrm", args, packages=("torch", "numpy"))
+    threads = [int(t) for t in args.threads.split(",") if t]
 
-    torch.manual_seed(0)
-    cfg = SapiensIDConfig.preset(args.preset)
-    model = SapiensID(cfg).train()
-    b, s = args.batch, cfg.input_size
-    inputs = (torch.rand(b, 3, s, s) * 2 - 1, torch.ones(b, s, s, dtype=torch.bool), person_keypoints(b))
-    settings = {"all": cfg.n_candidates, "mrm": default_keep_count(cfg.n_candidates, cfg.mask_ratio)}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(Path(tmp) / "shards", args.classes, max(2, 2 * args.batch // args.classes + 1),
+                     samples_per_shard=64)
+        cfg = TrainConfig(train_shards=str(Path(tmp) / "shards"), output_dir=str(Path(tmp) / "run"),
+                          model=args.preset, batch_size=args.batch, keep_tokens="default", num_workers=0,
+                          shuffle_buffer=args.batch, max_steps=10_000, warmup_steps=1, tensorboard=False,
+                          progress=False, sample_rate=1.0, seed=0)
+        trainer = Trainer(cfg)
+        batch = next(trainer.loader)
+        trainer.loader.close()
+    mcfg = trainer.model_cfg
+    keep = default_keep_count(mcfg.n_candidates, mcfg.mask_ratio)
+    if int(batch["n_keep"]) != keep:
+        raise RuntimeError(f"the loader planned {batch['n_keep']} tokens, expected {keep}")
+    # "all": every candidate kept, given explicitly (n_keep=None in training mode means the model's default
+    # MRM keep count, not "no masking").
+    everything = mcfg.n_candidates
+    mrm_batch, all_batch = dict(batch, n_keep=keep), dict(batch, n_keep=everything)
+    n = len(batch["labels"])
 
-    flops = {name: count_flops(model, inputs, n) for name, n in settings.items()}
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for n in settings.values():  # warm-up
-        step(model, inputs, n)
-    for _ in range(args.repeats):
-        for name, n in settings.items():
-            t0 = time.perf_counter()
-            step(model, inputs, n)
-            times[name].append((time.perf_counter() - t0) / b)
+    headlines: dict[str, dict] = {}
+    details: dict = {"preset": args.preset, "batch": n, "candidates": mcfg.n_candidates, "keep_tokens": keep,
+                     "tokens_in_vit": {"mrm": keep + 2, "all": mcfg.n_candidates + 2},
+                     "params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 2),
+                     "classes": trainer.num_classes}
+    for t in threads:
+        torch.set_num_threads(t)
+        p = paired_ratio(lambda: trainer.train_step(mrm_batch), lambda: trainer.train_step(all_batch),
+                         pairs=args.pairs)
+        headlines[f"train_step_speedup_{t}t"] = p.summary(
+            note=f"full Trainer.train_step, {args.preset} preset, batch {n}, {t} thread(s)")
+        details[f"train_step_seconds_{t}t"] = {"mrm": [round(x, 4) for x in p.a_seconds],
+                                               "all": [round(x, 4) for x in p.b_seconds]}
+        print(f"train step, {t} thread(s): MRM/all speed-up {p.median:.3f} (min {min(p.ratios):.3f}, "
+              f"max {max(p.ratios):.3f})", flush=True)
 
-    per_sample = {name: statistics.median(v) for name, v in times.items()}
-    speedup = per_sample["all"] / per_sample["mrm"]
+    torch.set_num_threads(1)
+    model = trainer.model.train()
+    inputs = to_model_inputs(batch, trainer.device)
+    flops = {"mrm": count_flops(model, inputs, keep), "all": count_flops(model, inputs, everything)}
     flop_ratio = flops["all"] / flops["mrm"]
-    result = {
-        "speedup": round(speedup, 3),
-        "flop_ratio": round(flop_ratio, 3),
-        "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
-        "preset": args.preset,
-        "params": sum(p.numel() for p in model.parameters()),
-        "batch": b,
-        "repeats": args.repeats,
-        "tokens": {name: n + 2 for name, n in settings.items()},
-        "sec_per_sample": {k: round(v, 4) for k, v in per_sample.items()},
-        "sec_per_sample_all_runs": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "gflop_per_sample_fwd_bwd": {k: round(v / b / 1e9, 2) for k, v in flops.items()},
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"| setting | tokens | GFLOP/sample (fwd+bwd) | s/sample (median of {args.repeats}) |")
-    print("|---|---|---|---|")
-    for name in settings:
-        print(f"| {name} | {result['tokens'][name]} | {result['gflop_per_sample_fwd_bwd'][name]} | "
-              f"{result['sec_per_sample'][name]} |")
-    print(f"\nmeasured speed-up {speedup:.2f}x, FLOP ratio {flop_ratio:.2f}x "
-          f"({100 * speedup / flop_ratio:.0f}% of the FLOP ratio); wrote {args.out}")
+    p = paired_ratio(lambda: model_step(model, inputs, keep), lambda: model_step(model, inputs, everything),
+                     pairs=args.pairs)
+    headlines["model_speedup_1t"] = p.summary(
+        target=f">= {0.9 * flop_ratio:.3f}",
+        note=f"backbone forward+backward of a toy loss, 1 thread; target 90 % of its FLOP ratio {flop_ratio:.3f}")
+    details["model_flop_ratio"] = round(flop_ratio, 4)
+    details["model_gflop_per_sample_fwd_bwd"] = {k: round(v / n / 1e9, 3) for k, v in flops.items()}
+    details["model_speedup_over_flop_ratio"] = round(p.median / flop_ratio, 4)
+    print(f"model alone, 1 thread: {p.median:.3f} (FLOP ratio {flop_ratio:.3f})", flush=True)
+    rec.write(headlines, details, path=Path(args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

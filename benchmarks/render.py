@@ -97,7 +97,11 @@ def render_one(name: str, results: Path = RESULTS) -> str:
     doc = load(name, results)
     lines = list(HEAD) + headline_rows(name, doc)
     lines.append("")
-    lines.append(f"Measured {_conditions(doc)}; arguments `{fmt(doc.get('env', {}).get('argv') or [])}`.")
+    if "env" in doc:
+        lines.append(f"Measured {_conditions(doc)}; arguments `{fmt(doc['env'].get('argv') or [])}`.")
+    else:
+        lines.append("Written before `benchmarks/paired.py`: no paired headline, conditions not recorded; "
+                     "to be re-measured.")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,8 @@ class DownloadConfig(_Strict):
     encode_quality: int = Field(85, ge=1, le=100)
     timeout: int = Field(20, ge=1)
     retries: int = Field(1, ge=0)
+    # No effect (kept so that older configs load): downloads run one task per manifest shard, as many at
+    # once as the Ray cluster has CPUs; `thread_count` is the fetch threads per task.
     processes_count: int = Field(2, ge=1)
     thread_count: int = Field(16, ge=1)
     # Opt-out headers (X-Robots-Tag) honoured by default; an empty list is an explicit, logged override.
@@ -70,12 +72,11 @@ class DownloadConfig(_Strict):
     max_body_bytes: int = Field(50_000_000, ge=1)  # a response body above this is cut off (body_too_large)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
     retry_failed: bool = True  # a second pass over failed URLs
-    # Where the per-shard tasks run. auto: Ray tasks when run.executor is "ray" (or run.ray_address is set),
-    # else a local pool of `processes_count` processes.
-    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"
-    task_timeout: float = Field(3600.0, gt=0)  # seconds per shard task before it is cancelled and resubmitted
+    # Where the per-shard tasks run: auto = the run section's executor (ray: one Ray task per manifest shard;
+    # local: in-process, shard after shard); "local" or "ray" to choose for this stage only.
+    distributor: Literal["auto", "local", "ray"] = "auto"
+    task_timeout: float = Field(3600.0, gt=0)  # seconds per shard task before it is cancelled and run again
     task_attempts: int = Field(3, ge=1)  # attempts per shard before its rows are committed as task_failed
-    max_in_flight: int | None = Field(None, ge=1)  # None = the cluster's CPUs (Ray) or processes_count (local)
     user_agent_token: str | None = None  # e.g. "img2dataset", to match X-Robots-Tag directives for a UA
 
 

@@ -281,7 +281,7 @@ def finish_run(plan: _Plan, run_info: dict | None = None) -> dict:
     if plan.finished is not None:
         return plan.finished
     out = plan.out.refresh()
-    stats = write_rollup(out, plan.stage.name, plan.expected, run_info=run_info, write=False)
+    stats = write_rollup(out, plan.stage.name, plan.expected, run_info=run_info, write=False, refresh=False)
     if stats["complete"] and isinstance(plan.stage, PlannedStage):
         assert plan.ctx is not None
         fin = plan.stage.finish(plan.ctx, stats)
@@ -322,11 +322,15 @@ def _is_system_error(exc: BaseException) -> bool:
     return isinstance(exc, _Timeout) or any(c.__name__ in _SYSTEM_ERRORS for c in type(exc).__mro__)
 
 
-def _stage_error(exc: BaseException) -> StageError | None:
-    if isinstance(exc, StageError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, StageError) else None
+def _stage_error(exc: BaseException) -> Exception | None:
+    """The error that means the run itself is wrong (bad config, missing weights, wrong input schema):
+    raised at once, never retried. Ray wraps a task's exception; its `cause` is the original."""
+    from schemas.base import SchemaError
+
+    for e in (exc, getattr(exc, "cause", None)):
+        if isinstance(e, (StageError, SchemaError)):
+            return e
+    return None
 
 
 def _ray_execute(stage: Stage, job: _Job, attempt: int) -> dict:
@@ -478,18 +482,8 @@ class RayExecutor:
     def pool_size(self, pending: int, gpus_per_actor: float) -> int:
         import ray
 
-        if self.num_actors:
-            n = self.num_actors
-        else:
-            res = ray.cluster_resources()
-            if gpus_per_actor > 0:
-                n = int(float(res.get("GPU", 0.0)) // gpus_per_actor)
-            else:
-                n = int(float(res.get("CPU", 1.0)) // max(self.actor_cpus, 1e-6))
-            n = max(self.min_actors, n)
-            if self.max_actors:
-                n = min(n, self.max_actors)
-        return max(1, min(n, pending))
+        return actor_pool_size(ray.cluster_resources(), pending, self.num_actors, self.min_actors,
+                               self.max_actors, self.actor_cpus, gpus_per_actor)
 
     def _gpus_per_actor(self) -> float:
         from pipeline.runtime import has_gpu
@@ -509,12 +503,19 @@ class RayExecutor:
             opts["num_gpus"] = gpus
         actor_cls = ray.remote(_UnitWorker).options(**opts)
         stage_ref = ray.put(stage)
-        idle: deque[Any] = deque(actor_cls.remote(stage_ref) for _ in range(size))
+        # Actors get work only once they are up: a replacement that cannot be placed yet (its node is gone
+        # and the others are full) must not hold a unit hostage while live actors could run it.
+        starting: dict[Any, Any] = {}
+        idle: deque[Any] = deque()
         info["workers"] = size
         replacements = 0
         queue: deque[_Attempt] = deque(_Attempt(j) for j in plan.jobs)
         inflight: dict[Any, tuple[_Attempt, float, Any]] = {}
         bar = progress(total=len(plan.jobs), desc=stage.name, unit="shard")
+
+        def start() -> None:
+            actor = actor_cls.remote(stage_ref)
+            starting[actor.ready.remote()] = actor
 
         def replace(actor: Any) -> None:
             nonlocal replacements
@@ -525,15 +526,26 @@ class RayExecutor:
             replacements += 1
             if replacements > 4 * size + self.max_system_failures:
                 raise StageError(f"{stage.name}: {replacements} actors lost; the cluster is not healthy")
-            idle.append(actor_cls.remote(stage_ref))
+            start()
 
+        for _ in range(size):
+            start()
         try:
             while queue or inflight:
                 while queue and idle:
                     a, actor = queue.popleft(), idle.popleft()
                     inflight[actor.run.remote(a.job, a.attempt)] = (a, time.monotonic(), actor)
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
                 for ref in ready:
+                    if ref in starting:
+                        actor = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                            idle.append(actor)
+                        except Exception as exc:  # noqa: BLE001 (lost while starting)
+                            log.warning("%s: an actor was lost while starting (%s)", stage.name, type(exc).__name__)
+                            replace(actor)
+                        continue
                     a, _t, actor = inflight.pop(ref)
                     try:
                         ray.get(ref)
@@ -555,11 +567,29 @@ class RayExecutor:
                         self._after_failure(a, _Timeout(a.job.unit_id), queue, info)
         finally:
             bar.close()
-            for actor in list(idle) + [v[2] for v in inflight.values()]:
+            for actor in list(idle) + list(starting.values()) + [v[2] for v in inflight.values()]:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001
                     pass
+
+
+def actor_pool_size(resources: Mapping[str, float], pending: int, num_actors: int | None = None,
+                    min_actors: int = 1, max_actors: int | None = None, actor_cpus: float = 0.5,
+                    gpus_per_actor: float = 0.0) -> int:
+    """Actors for a model stage: `num_actors` if fixed, else what the cluster holds (GPUs / gpus_per_actor
+    when GPUs are asked for, else CPUs / actor_cpus) within [min_actors, max_actors]; never above `pending`."""
+    if num_actors:
+        n = num_actors
+    else:
+        if gpus_per_actor > 0:
+            n = int(float(resources.get("GPU", 0.0)) // gpus_per_actor)
+        else:
+            n = int(float(resources.get("CPU", 1.0)) // max(actor_cpus, 1e-6))
+        n = max(min_actors, n)
+        if max_actors:
+            n = min(n, max_actors)
+    return max(1, min(n, pending))
 
 
 class _Timeout(Exception):

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,14 @@ def cached(target: Path, make: Callable[[Path], None]) -> Path:
     return target
 
 
-def openvino_ir(onnx_path: Path) -> Path:
-    """The OpenVINO IR (.xml + .bin, float32) of an ONNX file, made once beside it by OpenVINO's runtime."""
-    target = onnx_path.with_suffix(".xml")
+def openvino_ir(onnx_path: str | os.PathLike) -> Path:
+    """The OpenVINO IR (.xml + .bin, float32) of an ONNX file, made once by OpenVINO's runtime: beside a graph
+    we exported, in the `exported/` folder of a user's ONNX weight file."""
+    onnx_path = Path(onnx_path)
+    if onnx_path.parent.parent.name == EXPORT_DIR:
+        target = onnx_path.with_suffix(".xml")
+    else:
+        target = export_dir(onnx_path) / (onnx_path.stem + ".xml")
 
     def make(tmp: Path) -> None:
         import openvino as ov
@@ -332,6 +338,20 @@ def ultralytics_detections(results: list[Any]) -> list[PoseDetections]:
 
 
 # -- torch modules (KP-RPE) -------------------------------------------------------------------------------
+def module_digest(module: Any, *code_files: str | os.PathLike) -> str:
+    """sha256 over a module's state dict (names, shapes, bytes) and the source of its architecture code."""
+    import torch
+
+    h = hashlib.sha256()
+    for f in code_files:
+        h.update(Path(f).read_bytes())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def torch_module_onnx(module: Any, example: tuple[Any, ...], target: Path, input_names: list[str],
                       dynamic_batch: bool = True) -> Path:
     """Export a torch module once with torch.onnx (dynamic batch on every input and output) to `target`."""
@@ -340,8 +360,48 @@ def torch_module_onnx(module: Any, example: tuple[Any, ...], target: Path, input
         import torch
 
         axes = {n: {0: "batch"} for n in [*input_names, "output"]} if dynamic_batch else None
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about the model's own shape checks (constant for a traced graph) and about the
+            # TorchScript exporter being the legacy one; the graph is checked against torch in the tests.
+            warnings.simplefilter("ignore")
             torch.onnx.export(module.eval(), example, str(tmp / target.name), input_names=input_names,
                               output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
     return cached(target, make)
+
+
+# -- `webbody models export` --------------------------------------------------------------------------------
+def export_models(cfg: Any, backends: list[str] | None = None) -> list[dict]:
+    """Export the build's persons and faces models for `backends` (default: each stage's configured one, 'auto'
+    resolved) ahead of a run; returns one record per graph made or found in the cache."""
+    from pipeline.faces import FacesStage
+    from pipeline.faces.embedders import kprpe_onnx
+    from pipeline.persons import PersonsStage, export_pose_model, resolve_model
+
+    done: list[dict] = []
+    persons = PersonsStage(cfg.persons)
+    source = resolve_model(cfg.persons.model)
+    for b in backends or [persons.backend_name()]:
+        if choose_backend(b) != "torch":
+            done.append({"stage": "persons", "backend": b, "model": source,
+                         "graph": str(export_pose_model(source, cfg.persons.imgsz, b))})
+    faces = FacesStage(cfg.faces)
+    det, emb, _ = faces.resolve_paths()
+    for b in backends or [faces.backend_name()]:
+        if choose_backend(b) == "openvino":
+            done.append({"stage": "faces", "backend": b, "model": str(det), "graph": str(openvino_ir(det))})
+        if cfg.faces.embedder == "kprpe" and choose_backend(b) != "torch":
+            import torch
+
+            from sapiensid.kprpe_face import build_kprpe_face_vit, load_kprpe_face_weights
+
+            if emb is None:
+                torch.manual_seed(0)  # random weights, as KPRPEEmbedder makes them (tests, benchmarks)
+            model = build_kprpe_face_vit(cfg.faces.kprpe_size)
+            if emb is not None:
+                load_kprpe_face_weights(model, emb)
+            graph = kprpe_onnx(model, emb, cfg.faces.kprpe_size)
+            if b == "openvino":
+                graph = openvino_ir(graph)
+            done.append({"stage": "faces", "backend": b, "model": str(emb or "random"), "graph": str(graph)})
+    return done

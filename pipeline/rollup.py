@@ -21,12 +21,15 @@ def _read_stats(out: DatasetDir, ids: list[str]) -> list[dict]:
 
 
 def write_rollup(out: DatasetDir, stage: str, expected_ids: list[str], run_info: dict | None = None,
-                 write: bool = True) -> dict:
+                 write: bool = True, refresh: bool = True) -> dict:
     """Sum the stats of every finished shard. `complete` says whether all expected shards are done.
 
-    `run_info` (how the latest invocation went: units run, resubmitted, timed out) goes under `run`.
-    With `write`, a complete roll-up is written to `stats.json` (executors write it themselves, last).
+    `refresh`: list the directory again first (workers in other processes committed shards since the
+    caller's listing). `run_info` (how the latest invocation went: units run, resubmitted, timed out) goes
+    under `run`. With `write`, a complete roll-up is written to `stats.json`.
     """
+    if refresh:
+        out.refresh()
     rows_in = rows_out = 0
     drops: Counter = Counter()
     seconds = 0.0

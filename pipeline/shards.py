@@ -12,7 +12,8 @@ fsync + rename locally, one PUT on an object store). A reader trusts a shard onl
 so a run killed at any instant leaves finished shards, and shards without a marker that the next run
 redoes from scratch.
 
-Completion is found with ONE listing of the directory (`listing()`, cached; `refresh()` re-lists):
+Completion is found with ONE listing of the directory (`listing()`, cached; `refresh()` re-lists; the
+listing is a snapshot: this object's own writes update it, other processes' writes need `refresh()`):
 `is_done(sid)` is "marker and parquet both listed". The marker's size and sha256 are checked where the
 bytes are read anyway (`read_shard(sid, verify=True)`, what executors' workers do), so a parquet replaced
 behind its marker's back is caught without a request per shard on the driver.

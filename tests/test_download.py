@@ -283,10 +283,10 @@ def downloaded(tmp_path_factory):
         (root / "url.lst").write_bytes(("\n".join(lines) + "\n").encode() + b"105 \xff\xfeL 1 http://x.example/a\n")
         cfg = BuildConfig.model_validate({
             "query": {"inputs": [{"path": str(root / "url.lst")}], "shard_size": 8},
-            # one download process: each img2dataset process costs seconds of imports, the corpus is tiny
             # timeout 3 s: short for the slow route, long enough for the rest on a loaded 2-core machine
+            "run": {"executor": "local"},  # in-process, shard after shard (test_ray_tasks_... covers Ray)
             "download": {"allow_private_hosts": ["127.0.0.1"], "timeout": 3, "retries": 0,
-                         "processes_count": 1, "thread_count": 16, "max_body_bytes": 2_000_000},
+                         "thread_count": 16, "max_body_bytes": 2_000_000},
         })
         before = tree(root, root / "out")
         old = os.getcwd()
@@ -360,7 +360,7 @@ def test_nothing_written_outside_the_output(downloaded):
     assert downloaded["new_files"] == set()
     assert list(downloaded["work"].iterdir()) == []
     out = downloaded["root"] / "out" / "download"
-    assert not (out / "_img2dataset").exists()  # staging removed once its shards are committed
+    assert not (out / "_work").exists()  # no unit scratch left behind (the shards are built in memory)
     assert not any(p.name.startswith("..") for p in out.rglob("*"))
 
 
@@ -427,7 +427,8 @@ def test_with_a_proxy_the_target_name_is_still_checked(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_ray_tasks_when_the_executor_is_ray(tmp_path, ray_local, caplog):
-    """With run.executor ray, each manifest shard is one Ray task that commits its own shard."""
+    """With run.executor ray, each manifest shard is one Ray task (the contract's executor) that commits its
+    own shard."""
     import logging
 
     import ray
@@ -441,14 +442,14 @@ def test_ray_tasks_when_the_executor_is_ray(tmp_path, ray_local, caplog):
         cfg = BuildConfig.model_validate({
             "run": {"executor": "ray", "ray_address": address},
             "query": {"inputs": [{"path": str(tmp_path / "url.lst")}], "shard_size": 1},
-            "download": {"allow_private_hosts": ["127.0.0.1"], "processes_count": 1, "thread_count": 4},
+            "download": {"allow_private_hosts": ["127.0.0.1"], "thread_count": 4},
         })
         build_manifest(cfg.query, tmp_path / "query")
         stats = download_run(cfg, {"query": tmp_path / "query"}, tmp_path / "download")
     assert stats["rows_out"] == 3 and stats["drops"] == {} and stats["shards_done"] == 3
-    assert stats["run"]["runner"] == "ray" and stats["run"]["tasks"] == 3 and stats["run"]["resubmitted"] == 0
-    assert stats["run"]["width"] == 2  # the cluster's CPUs (the tests' local Ray has 2)
-    assert "(ray, 2 in flight" in caplog.text
+    assert stats["run"]["units"] == 3 and stats["run"]["resubmitted"] == 0
+    assert stats["run"]["workers"] == 2  # tasks in flight: the cluster's CPUs (the tests' local Ray has 2)
+    assert "(ray executor" in caplog.text
     rows = _rows(tmp_path / "download")
     assert sorted(Image.open(io.BytesIO(r["image"])).size for r in rows) == [(640, 640)] * 3
 

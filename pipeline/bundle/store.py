@@ -8,7 +8,7 @@ shard's marker last.
 
 Credentials and endpoints come the standard way (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, ...), read
 by s3fs/botocore itself; nothing here takes or logs them. This module is the one place the bundle touches a
-filesystem, so it can be re-pointed at the engine's `pipeline.storage` without touching the stage.
+filesystem; it resolves URIs through the engine's `pipeline.storage` (same file-system instances and rules).
 """
 
 from __future__ import annotations
@@ -17,25 +17,21 @@ import contextlib
 import json
 import os
 import posixpath
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-
-from pipeline.stage import StageError
 
 
 def _split_url(root: str) -> tuple[Any, str]:
-    try:
-        return url_to_fs(root)
-    except (ValueError, ImportError) as exc:
-        # fsspec raises ValueError("Protocol not known") for an unknown scheme: never fall back to a local folder.
-        raise StageError(f"{root}: unsupported storage URI ({exc}); use a local path, s3://, gs:// "
-                         "(with gcsfs installed) or memory://") from None
+    """The engine's resolution (`pipeline.storage`): its file-system instances (no stale listing caches),
+    its refusal of unknown schemes, of credentials in URIs and of Path-mangled `s3:/` locations."""
+    from pipeline import storage
+
+    fs, path = storage.resolve(root)
+    return (LocalFileSystem(), path) if fs is None else (fs, path)
 
 
 class Store:
@@ -43,8 +39,6 @@ class Store:
 
     def __init__(self, root: str | os.PathLike, fs: Any = None):
         root = os.fspath(root)
-        # pathlib folds "s3://b/x" into "s3:/b/x"; callers that carried a URI through a Path get it back.
-        root = re.sub(r"^([a-z][a-z0-9+.-]+):/(?!/)", r"\1://", root)
         if fs is None:
             fs, path = _split_url(root)
         else:
@@ -96,6 +90,10 @@ class Store:
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` (one ranged GET on object stores)."""
+        return self.fs.cat_file(self.join(name), start=offset, end=offset + size)
 
     def open(self, name: str) -> IO[bytes]:
         return self.fs.open(self.join(name), "rb")
@@ -155,6 +153,24 @@ class Store:
     def write_with(self, name: str, fill: Callable[[IO[bytes]], Any]) -> Any:
         with self.atomic_writer(name) as fh:
             return fill(fh)
+
+
+@contextlib.contextmanager
+def local_folder(root: str | os.PathLike | Store) -> Iterator[Path]:
+    """The folder as a local path: itself when local, else a temporary download of its objects (for tools
+    that read every byte anyway, like `verify`)."""
+    store = as_store(root)
+    if store.local:
+        yield Path(store.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="webbody-mirror-") as tmp:
+        for sub in ("", "_parts"):
+            for name in store.listing(sub):
+                rel = f"{sub}/{name}" if sub else name
+                dst = Path(tmp) / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                store.fs.get_file(store.join(rel), str(dst))
+        yield Path(tmp)
 
 
 def as_store(x: str | os.PathLike | Store) -> Store:

@@ -1,70 +1,123 @@
 """Download stage: URL manifest shards -> DOWNLOAD shards, img2dataset doing the fetching.
 
-The manifest shard is the unit of work: manifest shard NNNNN becomes download shard NNNNN, one row per
-manifest row with `status` "success" or a short code (errors.py). The pieces:
+On the stage contract (pipeline/stage.py) the download is a `PlannedStage` whose units are the manifest
+shards: manifest shard NNNNN becomes download shard NNNNN, one row per manifest row with `status`
+"success" or a short code (errors.py). The stage only computes:
 
-- `fetch.download_shard(rows, cfg, shard_id) -> (table, stats)`: the pure per-shard function (pre-check,
-  img2dataset's per-shard Downloader with our resizer, retry pass, one row per manifest row);
-- `runner`: where those run (Ray tasks at cluster width, or a local process pool), each task committing
-  its own shard; time limit, resubmission and failure counting per task;
-- this module: the stage entry point (config checks, output claim, resume by markers, roll-up) and the
-  later retry pass `retry_failed_urls`.
+- `plan`: one `WorkUnit` per finished manifest shard (ids only);
+- `run_unit` (on any worker): read the manifest shard, `fetch.download_shard` (pre-check, img2dataset's
+  per-shard Downloader with our resizer, retry pass), return the table and its counts.
 
-Resume: committed shards are skipped by their markers; a killed run loses only the shards in flight, which
-the next run downloads again (a task keeps no state outside its commit).
+The executor does everything else: claims the output, runs the units (Ray: one task per shard, as many in
+flight as the cluster has CPUs, a time limit per task, resubmission of lost or timed-out tasks; local:
+in-process), commits each shard from the worker that computed it (parquet, stats, marker last; on object
+storage, PUTs), resumes by markers and writes the roll-up. A unit whose own error repeats on its last
+attempt is committed with its rows as `task_failed` (counted; `webbody retry-downloads` re-fetches them),
+so one bad shard does not fail the stage.
+
+Counts: a shard's stats count the rows it holds (`rows_out` = manifest rows, failures included, as the
+executor writes them) plus `images` (successes); the stage roll-up's `rows_out` is the images
+(`rows_in - sum(drops)`), which is what the build funnel shows.
 """
 
 from __future__ import annotations
 
-from pipeline.download.child import block_unused_modules
+import logging
+import time
+from collections import Counter
+from pathlib import Path
 
-block_unused_modules()  # first: in a dedicated download worker, before anything can import torch
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import logging  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from pipeline.config import BuildConfig, DownloadConfig  # noqa: E402
-from pipeline.download.errors import RETRYABLE  # noqa: E402
-from pipeline.executors import pending_shards, prepare_output  # noqa: E402
-from pipeline.rollup import write_rollup  # noqa: E402
-from pipeline.shards import DatasetDir, atomic_write_json  # noqa: E402
-from pipeline.stage import StageError, config_hash  # noqa: E402
-from schemas.tables import DOWNLOAD  # noqa: E402
+from pipeline.config import BuildConfig, DownloadConfig
+from pipeline.download.errors import RETRYABLE
+from pipeline.rollup import write_rollup
+from pipeline.shards import ROLLUP, DatasetDir
+from pipeline.stage import (
+    FinishResult,
+    PlanContext,
+    PlannedStage,
+    StageError,
+    UnitContext,
+    UnitResult,
+    WorkUnit,
+    config_hash,
+)
+from schemas.tables import DOWNLOAD, MANIFEST
 
 log = logging.getLogger(__name__)
 
 STAGE = "download"
+TASK_FAILED = "task_failed"
 # Settings that change how fast a download runs, not what it produces: they may change between a run and
 # its resume without invalidating finished shards.
 RUNTIME_ONLY = ("processes_count", "thread_count", "distributor", "retry_failed", "task_timeout",
-                "task_attempts", "max_in_flight")
+                "task_attempts")
 
-__all__ = ["RETRYABLE", "STAGE", "check_config", "download", "retry_failed_urls", "run"]
+__all__ = ["RETRYABLE", "STAGE", "DownloadStage", "check_config", "download", "retry_failed_urls", "run"]
 
 
-class _StageInfo:
-    """What `prepare_output` needs from a stage: a name and a hash of the settings that shape the output."""
+class DownloadStage(PlannedStage):
+    """One unit per manifest shard (input `query`); `last_attempt` is the attempt index (0-based, own
+    errors) after which a failing unit is committed as `task_failed` instead of raising."""
 
     name = STAGE
+    output_schema = DOWNLOAD
 
-    def __init__(self, cfg: DownloadConfig):
-        self.cfg = cfg
+    def __init__(self, config: DownloadConfig, last_attempt: int = 0):
+        super().__init__(config)
+        self.last_attempt = last_attempt
 
     def config_hash(self) -> str:
-        return config_hash({k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in RUNTIME_ONLY})
+        return config_hash({k: v for k, v in self.config.model_dump(mode="json").items() if k not in RUNTIME_ONLY})
+
+    def plan(self, ctx: PlanContext) -> list[WorkUnit]:
+        manifest = ctx.inputs["query"]
+        ids = manifest.done_ids()
+        if not ids:
+            raise StageError(f"no finished manifest shards in {manifest.uri}: run the query stage first "
+                             "(webbody build ... --until query) or point --input at its output")
+        return [WorkUnit(sid) for sid in ids]
+
+    def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+        from pipeline.download.fetch import download_shard, failed_shard
+
+        manifest = ctx.inputs["query"]
+        rows = MANIFEST.validate(manifest.read_shard(unit.id), str(manifest.parquet(unit.id)))
+        try:
+            table, stats = download_shard(rows, self.config, unit.id)
+        except StageError:
+            raise
+        except Exception as exc:
+            if ctx.attempt < self.last_attempt:
+                raise  # the executor runs the unit again
+            log.exception("download: shard %s failed on its last attempt; its rows are committed as %s",
+                          unit.id, TASK_FAILED)
+            table, stats = failed_shard(rows, unit.id, TASK_FAILED,
+                                        f"attempt {ctx.attempt + 1}: {type(exc).__name__}: {exc}")
+        extra = {"images": stats["rows_out"], "notes": stats["notes"],
+                 "fetch_seconds": stats.get("fetch_seconds", 0.0)}
+        return UnitResult(table, rows_in=stats["rows_in"], drops=Counter(stats["drops"]), extra_stats=extra)
+
+    def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
+        return FinishResult(stats=_image_counts(ctx.output, rollup))
 
 
-def use_ray(cfg: DownloadConfig, executor: str, ray_address: str | None) -> bool:
+def _image_counts(out: DatasetDir, rollup: dict) -> dict:
+    """Roll-up fields: `rows_out` = images (rows_in - drops) and the shards' notes summed."""
+    notes: Counter = Counter()
+    for sid in out.done_ids():
+        notes.update(out.shard_stats(sid).get("notes", {}))
+    return {"rows_out": rollup["rows_in"] - sum(rollup["drops"].values()), "notes": dict(sorted(notes.items()))}
+
+
+def use_ray(cfg: DownloadConfig, executor: str) -> bool:
     if cfg.distributor == "ray":
         return True
-    if cfg.distributor == "multiprocessing":
+    if cfg.distributor == "local":
         return False
-    return executor == "ray" or bool(ray_address)
+    return executor == "ray"
 
 
 def check_config(cfg: DownloadConfig) -> None:
@@ -79,64 +132,46 @@ def check_config(cfg: DownloadConfig) -> None:
         log.warning("download: private/loopback hosts allowed for %s", cfg.allow_private_hosts)
 
 
-def download(cfg: DownloadConfig, manifest_dir: Path, output: Path, overwrite: bool = False,
-             ray_address: str | None = None, executor: str = "local") -> dict:
+def download(cfg: BuildConfig, manifest_dir: str | Path, output: str | Path, overwrite: bool = False) -> dict:
     """Download every pending manifest shard of `manifest_dir` into `output`; returns the roll-up stats."""
-    from pipeline.download.runner import run_local, run_ray
+    from pipeline.executors import LocalExecutor, RayExecutor
+    from pipeline.registry import ray_executor_options
 
-    check_config(cfg)
+    dcfg = cfg.download
+    check_config(dcfg)
     t0 = time.perf_counter()
-    manifest, out = DatasetDir(manifest_dir), DatasetDir(output)
-    prepare_output(_StageInfo(cfg), out, overwrite)
-    todo, _done = pending_shards(manifest, out)
-    for sid in [s for s in todo if manifest.num_rows(s) == 0]:
-        out.commit_shard(sid, DOWNLOAD.empty(), {"stage": STAGE, "shard": sid, "rows_in": 0, "rows_out": 0,
-                                                 "drops": {}, "seconds": 0.0, "notes": {}})
-    todo = [s for s in todo if not out.is_done(s)]
-    ray_mode = use_ray(cfg, executor, ray_address)
-    if not todo:
-        from pipeline.download.runner import RunReport
-
-        report = RunReport()
-    elif ray_mode:
-        report = run_ray(cfg, manifest, out, todo, ray_address, t0)
+    if use_ray(dcfg, cfg.run.executor):
+        ex = RayExecutor(**ray_executor_options(cfg, task_timeout_s=dcfg.task_timeout,
+                                                task_retries=dcfg.task_attempts - 1))
+        stage = DownloadStage(dcfg, last_attempt=dcfg.task_attempts - 1)
     else:
-        report = run_local(cfg, manifest, out, todo, t0)
-    wall = time.perf_counter() - t0
-    stats = write_rollup(out, STAGE, manifest.done_ids())
-    notes: Counter = Counter()
-    for sid in manifest.done_ids():
-        if out.is_done(sid):
-            notes.update(out.shard_stats(sid).get("notes", {}))
-    stats["notes"] = dict(sorted(notes.items()))
-    # This invocation's facts (a resumed run reports only its own work): tasks, resubmissions, timing.
-    stats["run"] = {**report.summary(wall), "runner": "ray" if ray_mode else "local"}
-    log.info("download: %d shards in %.1f s (%s, %d in flight, %d resubmitted, %d failed)", len(todo), wall,
-             stats["run"]["runner"], report.width, report.resubmitted, len(report.failed_shards))
-    if stats["complete"]:
-        atomic_write_json(out.root / "stats.json", stats)
+        ex, stage = LocalExecutor(), DownloadStage(dcfg)
+    summary = ex.run(stage, {"query": str(manifest_dir)}, str(output), overwrite=overwrite)
+    stats = summary.stats
+    log.info("download: %d shards in %.1f s (%s executor, %d resubmitted, %d timed out)", len(summary.processed),
+             time.perf_counter() - t0, ex.name, summary.resubmitted, summary.timed_out)
     return stats
 
 
-def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
+def run(cfg: BuildConfig, inputs: dict, output: str | Path, overwrite: bool = False) -> dict:
     """Registry entry point: `inputs["query"]` is the manifest directory."""
     if "query" not in inputs:
         raise StageError("download needs the query stage's output (inputs['query'])")
-    return download(cfg.download, Path(inputs["query"]), Path(output), overwrite, cfg.run.ray_address,
-                    cfg.run.executor)
+    return download(cfg, inputs["query"], output, overwrite)
 
 
-def retry_failed_urls(cfg: BuildConfig, output: Path, codes: frozenset[str] = RETRYABLE) -> dict:
-    """A later retry pass: re-fetch rows of finished download shards whose status is in `codes`.
+def retry_failed_urls(cfg: BuildConfig, output: str | Path, codes: frozenset[str] = RETRYABLE) -> dict:
+    """A later retry pass over a finished download stage: re-fetch rows whose status is in `codes`.
 
-    Successes replace the failures; shards whose rows changed are re-committed (atomically, new stats).
-    Runs in this process, shard after shard (the failures of a finished build are a small remainder).
-    Returns {"retried": n, "recovered": m, "shards_rewritten": k}.
+    Not a stage run (the stage's shards are final): a maintenance pass like the bundle's `remove`, in
+    this process, shard after shard (a finished build's failures are a small remainder). A shard whose
+    rows changed is re-committed atomically through `DatasetDir.commit_shard` (parquet, stats, marker
+    last) and the roll-up is rewritten. Returns {"retried": n, "recovered": m, "shards_rewritten": k}.
     """
     from pipeline.download.fetch import refetch
 
     dcfg = cfg.download
-    out = DatasetDir(output)
+    out = DatasetDir(str(output))
     retried = recovered = rewritten = 0
     for sid in out.done_ids():
         status = out.read_shard(sid, columns=["status"]).column("status")
@@ -149,10 +184,14 @@ def retry_failed_urls(cfg: BuildConfig, output: Path, codes: frozenset[str] = RE
         st = out.shard_stats(sid)
         statuses = table.column("status").to_pylist()
         n_ok = sum(s == "success" for s in statuses)
-        recovered += n_ok - st["rows_out"]
-        st.update(rows_out=n_ok, drops=dict(sorted(Counter(s for s in statuses if s != "success").items())))
+        recovered += n_ok - st.get("images", 0)
+        st.update(images=n_ok, drops=dict(sorted(Counter(s for s in statuses if s != "success").items())))
         st["notes"] = {**st.get("notes", {}), "retry_passes": st.get("notes", {}).get("retry_passes", 0) + 1}
         out.commit_shard(sid, table, st)
         rewritten += 1
-    write_rollup(out, STAGE, out.done_ids())
+    out = out.refresh()
+    stats = write_rollup(out, STAGE, out.done_ids(), write=False)
+    stats.update(_image_counts(out, stats))
+    if stats["complete"]:
+        out.write_json(ROLLUP, stats)
     return {"retried": retried, "recovered": recovered, "shards_rewritten": rewritten}

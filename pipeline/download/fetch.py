@@ -1,8 +1,8 @@
 """One manifest shard in, its DOWNLOAD table and stats out: the download stage's pure unit of work.
 
-`download_shard(rows, cfg, shard_id)` runs in whichever process is given the shard (a local pool process
-or a Ray task on any node) and touches no storage: the caller reads the manifest shard and commits the
-result. Steps:
+`download_shard(rows, cfg, shard_id)` runs in whichever process is given the shard (the driver under the
+local executor, a Ray task on any node under the Ray executor) and touches no storage: the stage's
+`run_unit` reads the manifest shard and the executor commits the result. Steps:
 
 1. every row's URL is pre-checked (scheme, host, IP literals against the SSRF policy, no DNS); refused
    rows get their status without a request;

@@ -137,8 +137,8 @@ class Killer(threading.Thread):
         time.sleep(1.0)
         while not self.halt.is_set() and self.killed is None:
             for p in self._candidates():
+                self.killed = {"pid": p.pid, "title": TASK_TITLE, "at": time.time()}
                 os.kill(p.pid, signal.SIGKILL)
-                self.killed = {"pid": p.pid, "cmdline": " ".join(p.cmdline()[:2]), "at": time.time()}
                 break
             time.sleep(0.2)
 

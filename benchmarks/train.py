@@ -11,7 +11,7 @@ For each preset (CPU unless CUDA is present), one real `sapiensid.train.Trainer`
   >= 1 means the loader keeps up. With workers, the loader prefetches while the trainer runs, as in training.
 
 Writes ``benchmarks/results/train.json``. Usage:
-python benchmarks/train.py [--presets small] [--batch small=16,base=2] [--pairs 5] [--workers 0,1]
+python benchmarks/train.py [--presets small] [--batch small=16,base=2] [--pairs 5] [--workers 0,1] [--threads N]
 """
 
 from __future__ import annotations
@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="tiny=32,small=16,base=2")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--workers", default="0,1")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = ap.parse_args(argv)
     ensure_offline_env()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     rec = Recorder("train", args, packages=("torch", "numpy", "webdataset"))
     batch_of = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(","))}
     workers = [int(x) for x in args.workers.split(",") if x]

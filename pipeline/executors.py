@@ -503,12 +503,19 @@ class RayExecutor:
             opts["num_gpus"] = gpus
         actor_cls = ray.remote(_UnitWorker).options(**opts)
         stage_ref = ray.put(stage)
-        idle: deque[Any] = deque(actor_cls.remote(stage_ref) for _ in range(size))
+        # Actors get work only once they are up: a replacement that cannot be placed yet (its node is gone
+        # and the others are full) must not hold a unit hostage while live actors could run it.
+        starting: dict[Any, Any] = {}
+        idle: deque[Any] = deque()
         info["workers"] = size
         replacements = 0
         queue: deque[_Attempt] = deque(_Attempt(j) for j in plan.jobs)
         inflight: dict[Any, tuple[_Attempt, float, Any]] = {}
         bar = progress(total=len(plan.jobs), desc=stage.name, unit="shard")
+
+        def start() -> None:
+            actor = actor_cls.remote(stage_ref)
+            starting[actor.ready.remote()] = actor
 
         def replace(actor: Any) -> None:
             nonlocal replacements
@@ -519,15 +526,26 @@ class RayExecutor:
             replacements += 1
             if replacements > 4 * size + self.max_system_failures:
                 raise StageError(f"{stage.name}: {replacements} actors lost; the cluster is not healthy")
-            idle.append(actor_cls.remote(stage_ref))
+            start()
 
+        for _ in range(size):
+            start()
         try:
             while queue or inflight:
                 while queue and idle:
                     a, actor = queue.popleft(), idle.popleft()
                     inflight[actor.run.remote(a.job, a.attempt)] = (a, time.monotonic(), actor)
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
                 for ref in ready:
+                    if ref in starting:
+                        actor = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                            idle.append(actor)
+                        except Exception as exc:  # noqa: BLE001 (lost while starting)
+                            log.warning("%s: an actor was lost while starting (%s)", stage.name, type(exc).__name__)
+                            replace(actor)
+                        continue
                     a, _t, actor = inflight.pop(ref)
                     try:
                         ray.get(ref)
@@ -549,7 +567,7 @@ class RayExecutor:
                         self._after_failure(a, _Timeout(a.job.unit_id), queue, info)
         finally:
             bar.close()
-            for actor in list(idle) + [v[2] for v in inflight.values()]:
+            for actor in list(idle) + list(starting.values()) + [v[2] for v in inflight.values()]:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001

@@ -38,12 +38,12 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import BuildConfig, QueryConfig, QueryInput
 from pipeline.shards import format_shard_id
 from pipeline.stage import (
@@ -120,10 +120,9 @@ def load_list(value: list[str] | str | None) -> list[str]:
         return []
     if isinstance(value, list):
         return [v.strip() for v in value if v.strip()]
-    p = Path(value)
-    if not p.exists():
-        raise StageError(f"list file {p} not found (give a list in the config, or an existing file)")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    if not storage.exists(value):
+        raise StageError(f"list file {value} not found (give a list in the config, or an existing file)")
+    lines = storage.get_bytes(value).decode("utf-8").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -137,8 +136,8 @@ def _decode(raw: bytes) -> str | None:
         return None
 
 
-def read_url_lst(path: Path) -> Iterator[Candidate | str]:
-    with open(path, "rb") as fh:
+def read_url_lst(path: str | Path) -> Iterator[Candidate | str]:
+    with storage.open_read(path) as fh:
         for lineno, raw in enumerate(fh, 1):
             line = _decode(raw.rstrip(b"\r\n"))
             if line is None:
@@ -155,11 +154,15 @@ def read_url_lst(path: Path) -> Iterator[Candidate | str]:
             yield Candidate(label=label, name=label, url=url, source_idx=idx)
 
 
-def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
+def _suffix(path: str | Path) -> str:
+    return PurePosixPath(os.fspath(path)).suffix.lower()
+
+
+def _iter_records(path: str | Path, columns: list[str]) -> Iterator[dict | str]:
     """Rows of a CSV/TSV/JSONL/parquet file as dicts of str (only `columns`), or a skip reason."""
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix == ".parquet":
-        pf = pq.ParquetFile(path)
+        pf = storage.parquet_file(path)
         cols = [c for c in columns if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(columns=cols, batch_size=65_536):
             data = batch.to_pydict()
@@ -175,7 +178,7 @@ def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
                     row[c] = None if v is None else str(v)
                 yield row.get("__skip__") or row
     elif suffix in (".csv", ".tsv"):
-        with open(path, "rb") as fh:
+        with storage.open_read(path) as fh:
             # surrogateescape keeps invalid bytes visible as lone surrogates, so a bad row is found and skipped
             # instead of failing the whole file
             text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
@@ -187,7 +190,7 @@ def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
                     continue
                 yield vals
     elif suffix in (".jsonl", ".json"):
-        with open(path, "rb") as fh:
+        with storage.open_read(path) as fh:
             for raw in fh:
                 line = _decode(raw)
                 if line is None:
@@ -212,7 +215,7 @@ def _has_surrogate(s: str) -> bool:
     return any("\udc80" <= c <= "\udcff" for c in s)
 
 
-def read_table(path: Path) -> Iterator[Candidate | str]:
+def read_table(path: str | Path) -> Iterator[Candidate | str]:
     for rec in _iter_records(path, ["name", "label", "url", "idx"]):
         if isinstance(rec, str):
             yield rec
@@ -252,7 +255,7 @@ class NameIndex:
         return found
 
 
-def read_captions(path: Path, index: NameIndex) -> Iterator[Candidate | str]:
+def read_captions(path: str | Path, index: NameIndex) -> Iterator[Candidate | str]:
     for rec in _iter_records(path, ["url", "caption"]):
         if isinstance(rec, str):
             yield rec
@@ -269,29 +272,39 @@ def read_captions(path: Path, index: NameIndex) -> Iterator[Candidate | str]:
             yield Candidate(label=derived_label(name), name=name, url=url)
 
 
-def input_files(path: str) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
-        if not files:
-            raise StageError(f"query input directory {p} holds no files")
-        return files
-    if not p.exists():
-        raise StageError(f"query input {p} not found")
-    return [p]
+def input_files(path: str) -> list[str]:
+    """The files of one input: the path itself, or the files of a folder / prefix (hidden and `_` ones
+    skipped), sorted. Local paths and storage URIs (`s3://bucket/urls/`) alike."""
+    if storage.is_local(path):
+        p = storage.local_path(path)
+        if p.is_dir():
+            files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+            if not files:
+                raise StageError(f"query input directory {p} holds no files")
+            return files
+        if not p.exists():
+            raise StageError(f"query input {p} not found")
+        return [str(p)]
+    listing = storage.list_dir(path)
+    names = sorted(n for n in listing if not n.startswith((".", "_")))
+    if names:
+        return [storage.join(path, n) for n in names]
+    if storage.exists(path):
+        return [path]
+    raise StageError(f"query input {path} not found (or an empty prefix)")
 
 
-def detect_format(inp: QueryInput, path: Path) -> str:
+def detect_format(inp: QueryInput, path: str | Path) -> str:
     if inp.format != "auto":
         return inp.format
     if inp.names is not None:
         return "captions"
-    if path.suffix.lower() in TABLE_SUFFIXES:
+    if _suffix(path) in TABLE_SUFFIXES:
         return "table"
     return "url_lst"
 
 
-def iter_file(inp: QueryInput, path: Path, index: NameIndex | None) -> Iterator[Candidate | str]:
+def iter_file(inp: QueryInput, path: str | Path, index: NameIndex | None) -> Iterator[Candidate | str]:
     fmt = detect_format(inp, path)
     if fmt == "url_lst":
         yield from read_url_lst(path)
@@ -390,21 +403,27 @@ class ManifestBuilder:
 
 
 def input_fingerprint(cfg: QueryConfig) -> list[list]:
-    """(path, size, mtime) of every input and list file: an edited input makes the output stale."""
+    """(path, size, mtime) of every input and list file: an edited input makes the output stale.
+    (On object stores: size only, from one listing per input prefix.)"""
     paths: list[str] = []
     for inp in cfg.inputs:
-        p = Path(inp.path)
-        paths += [str(f) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+        try:
+            paths += input_files(inp.path)
+        except StageError:
+            paths.append(inp.path)  # missing: reported by the reader with a clear error
         if isinstance(inp.names, str):
             paths.append(inp.names)
     paths += [v for v in (cfg.optout_names, cfg.optout_domains) if isinstance(v, str)]
     out = []
     for f in paths:
         try:
-            st = Path(f).stat()
-            out.append([f, st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append([f, None, None])  # missing: reported by the reader with a clear error
+            if storage.is_local(f):
+                st = Path(f).stat()
+                out.append([f, st.st_size, st.st_mtime_ns])
+            else:
+                out.append([f, storage.size(f), None])
+        except (OSError, StageError):
+            out.append([f, None, None])
     return out
 
 
@@ -412,7 +431,7 @@ def _read_file(inp: QueryInput, path: str) -> pa.Table:
     """One input file's candidates and skips as a table (what a parallel read task returns)."""
     index = NameIndex(load_list(inp.names)) if inp.names is not None else None
     cols: dict[str, list] = {"label": [], "name": [], "url": [], "source_idx": [], "skip": []}
-    for item in iter_file(inp, Path(path), index):
+    for item in iter_file(inp, path, index):
         if isinstance(item, str):
             vals = [None, None, None, None, item]
         else:
@@ -432,11 +451,11 @@ def iter_all(cfg: QueryConfig, parallel: bool = False) -> Iterator[tuple[QueryIn
     """Every input row of every input, in order. `parallel`: files read as Ray tasks (Ray must be running)."""
     files = [(inp, str(p)) for inp in cfg.inputs for p in input_files(inp.path)]
     for inp, p in files:
-        if detect_format(inp, Path(p)) == "captions" and inp.names is None:
+        if detect_format(inp, p) == "captions" and inp.names is None:
             raise StageError(f"query input {inp.path}: format 'captions' needs `names` (a list or a file)")
     if not parallel or len(files) < 2:
         for inp, p in files:
-            for item in iter_file(inp, Path(p), NameIndex(load_list(inp.names)) if inp.names is not None else None):
+            for item in iter_file(inp, p, NameIndex(load_list(inp.names)) if inp.names is not None else None):
                 yield inp, item
         return
     import ray

@@ -8,8 +8,7 @@ the local ones; planning over s3 costs one listing per input stage and at most o
 from __future__ import annotations
 
 import json
-import os
-import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,45 +18,20 @@ import torch
 from pipeline.bundle import run
 from tests.bundle_support import make_build, small_config
 
-BUCKET = "webbody"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BUCKET = f"bundle-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
+def s3(s3_server):
+    """The harness's moto S3 server (tests/conftest.py: AWS_ENDPOINT_URL + dummy credentials for the session),
+    a bucket of this module's, and the s3fs file system pipeline.storage uses."""
     from pipeline import storage
+    from tests.servers import make_bucket
 
-    s3fs.S3FileSystem.clear_instance_cache()
     storage.reset_filesystems()
-    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    try:
-        yield fs
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
-        storage.reset_filesystems()
+    make_bucket(BUCKET)
+    yield storage.filesystem("s3")
+    storage.reset_filesystems()
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +109,10 @@ def test_unknown_scheme_is_a_clear_error(tmp_path):
         Store("nosuchscheme://bucket/x")
     with pytest.raises(StageError, match="lost a slash"):
         Store(str(Path("s3://bucket/x")))
+    from pipeline.bundle.remove import remove_subject
+
+    with pytest.raises(StageError, match="local bundle folders only"):
+        remove_subject("s3://bucket/bundle", name="anyone")
 
 
 def test_training_reads_shards_from_s3(s3, builds):

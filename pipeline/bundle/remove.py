@@ -90,6 +90,11 @@ def match_face(out: Path, feature: np.ndarray, embedder: str, cfg: BuildConfig) 
 def remove_subject(out: str | Path, *, name: str | None = None, url: str | None = None, face: str | Path | None = None,
                    cfg: BuildConfig | None = None, embed: EmbedFn | None = None) -> dict:
     """Remove one subject; returns counts (samples, identities, shards rewritten/deleted), never names."""
+    from pipeline import storage
+
+    if not storage.is_local(str(out)):
+        raise StageError(f"{storage.display(str(out))}: `webbody remove` rewrites shards in place and works on local "
+                         "bundle folders only; sync the bundle to a local folder, remove, and sync it back")
     out = Path(out)
     if sum(x is not None for x in (name, url, face)) != 1:
         raise StageError("give exactly one of --name, --url, --face")

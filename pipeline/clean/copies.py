@@ -39,6 +39,7 @@ from pipeline.shards import DatasetDir
 log = logging.getLogger(__name__)
 
 PATCH_SCALE = 2.0  # patch side / face box side: the face plus hair, ears and a band of background
+BLOCK = 1024  # rows per block of a name's pair search
 NO_HASH = np.uint64(0)  # rows without a hash (no persons row, undecodable crop) never match anything
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -105,18 +106,24 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
                  ) -> tuple[np.ndarray, np.ndarray]:
     """For the rows of one name: the copied rows to drop, and the kept row each one copies."""
     h, hf = state.hash[rows], state.hash_flip[rows]
-    has = h != NO_HASH
     photo = state.photo[rows]
-    dist = np.minimum(hamming(h[:, None], h[None, :]), hamming(h[:, None], hf[None, :]))
     f = normalise(state.feats[rows])
-    match = (dist <= max_distance) & ((f @ f.T) >= min_cos) & has[:, None] & has[None, :]
-    match &= photo[:, None] != photo[None, :]
+    # Pairs in row blocks: memory is BLOCK x n per step, whatever the name's size (rows all have a hash).
+    found_r, found_c = [], []
+    for a in range(0, len(rows), BLOCK):
+        hb, fb, pb = h[a:a + BLOCK, None], f[a:a + BLOCK], photo[a:a + BLOCK, None]
+        dist = np.minimum(hamming(hb, h[None, :]), hamming(hb, hf[None, :]))
+        match = (dist <= max_distance) & (pb != photo[None, :])
+        match &= (fb @ f.T) >= min_cos
+        r, c = np.nonzero(match)
+        found_r.append(r + a)
+        found_c.append(c)
+    r, c = np.concatenate(found_r), np.concatenate(found_c)
     empty = np.zeros(0, dtype=np.int64)
-    if not match.any():
+    if not len(r):
         return empty, empty
     # Photo groups: photos joined by any matched pair of their rows.
     codes, local = np.unique(photo, return_inverse=True)
-    r, c = np.nonzero(match)
     graph = sp.coo_matrix((np.ones(len(r)), (local[r], local[c])), shape=(len(codes), len(codes)))
     _, group = connected_components(graph, directed=False)
     n_det = np.bincount(local, minlength=len(codes))

@@ -192,7 +192,12 @@ class InputCache:
     def __init__(self, dataset: DomainDataset, size: int, keypoint_fn: KeypointFn | None = None, cache: bool = True):
         self.dataset, self.size, self.keypoint_fn, self.cache = dataset, size, keypoint_fn, cache
         self._store: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.no_keypoints = 0
+        self._no_keypoints: set[int] = set()
+
+    @property
+    def no_keypoints(self) -> int:
+        """Images read so far that had no keypoints (sidecar or `keypoint_fn`)."""
+        return len(self._no_keypoints)
 
     def base(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image S x S x 3 uint8, pixel keypoints (22, 2) of that image)."""
@@ -206,7 +211,7 @@ class InputCache:
             pts = np.asarray(self.keypoint_fn(img), dtype=np.float32)
         else:
             pts = np.full((22, 2), -1.0, np.float32)
-            self.no_keypoints += 1
+            self._no_keypoints.add(i)
         out = square_pad_resize(img, pts, self.size)
         if self.cache:
             self._store[i] = out

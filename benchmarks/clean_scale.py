@@ -135,7 +135,7 @@ def run_child(faces: Path, out: Path) -> None:
 
 
 class RssSampler:
-    """Peak RSS of the `ray::` worker processes (the largest one) and of this process, sampled."""
+    """Peak RSS of this run's `ray::` worker processes (the largest one) and of this process, sampled."""
 
     def __init__(self, period: float = 0.2):
         import threading
@@ -151,12 +151,12 @@ class RssSampler:
         me = self.psutil.Process()
         while not self._stop.is_set():
             self.driver_peak = max(self.driver_peak, me.memory_info().rss)
-            for p in self.psutil.process_iter(["name", "cmdline"]):
+            # Only this run's cluster: its nodes are children of this process (other users' Ray is not).
+            for p in me.children(recursive=True):
                 try:
-                    if (p.info["name"] or "").startswith("ray::") or any(
-                            (c or "").startswith("ray::") for c in (p.info["cmdline"] or [])[:1]):
+                    if p.name().startswith("ray::") or p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
                         self.worker_peak = max(self.worker_peak, p.memory_info().rss)
-                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, IndexError):
                     continue
             self._stop.wait(self.period)
 

@@ -32,7 +32,7 @@ STAGES: list[StageSpec] = [
     StageSpec("download", "pipeline.download", ("query",), "URL manifest -> images (img2dataset)"),
     StageSpec("persons", "pipeline.persons", ("download",), "images -> body crops + 17 keypoints (YOLO pose)"),
     StageSpec("faces", "pipeline.faces", ("persons",), "body crops -> face box, landmarks, feature"),
-    StageSpec("clean", "pipeline.clean", ("faces",), "features -> clean identity selection"),
+    StageSpec("clean", "pipeline.clean", ("faces", "persons"), "features -> clean identity selection"),
     StageSpec("bundle", "pipeline.bundle", ("clean", "persons", "faces"), "selection -> WebDataset shards"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

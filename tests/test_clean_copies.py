@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import registry
+from pipeline import clean, registry
 from pipeline.assets import asset_path
 from pipeline.clean.cluster import cluster_names
 from pipeline.clean.copies import collapse_copies, hamming, patch_hashes
@@ -214,7 +214,7 @@ def test_stage_names_the_kept_copy(tmp_path):
     assert sel["b0_0"]["reason"] == "dbscan_noise" and stats["steps"]["copies"]["near_duplicate"] == 5
 
     # Without the persons crops the copies are not found: biden's five "photos" outnumber obama's two.
-    stats = registry.run_stage("clean", cfg, {"faces": faces.root}, tmp_path / "clean_nohash")
+    stats = clean.run(cfg, {"faces": faces.root}, tmp_path / "clean_nohash")  # no persons: direct call
     sel = {r["person_id"]: r for _, t in DatasetDir(tmp_path / "clean_nohash").iter_tables() for r in t.to_pylist()}
     assert "skipped" in stats["steps"]["copies"]
     assert sel["o0_0"]["reason"] == sel["o1_0"]["reason"] == "not_largest_cluster"

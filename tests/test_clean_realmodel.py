@@ -55,7 +55,8 @@ def test_obama_name_keeps_obama_and_a_valset_removes_him(tmp_path):
     report = build_valset_centers("lfw", tmp_path / "lfw", tmp_path / "lfw.parquet", cfg.faces)
     assert report["centers"] == 1
     cfg = BuildConfig.model_validate({**raw, "clean": {"valsets": [str(tmp_path / "lfw.parquet")]}})
-    stats = registry.run_stage("clean", cfg, {"faces": build / "faces"}, tmp_path / "clean_val")
+    stats = registry.run_stage("clean", cfg, {"faces": build / "faces", "persons": build / "persons"},
+                                tmp_path / "clean_val")
     assert stats["identities"] == 0
     assert stats["steps"]["val_overlap"]["lfw"]["identities"] == 1
     assert stats["drops"]["val_overlap:lfw"] == 3

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import registry
+from pipeline import clean
 from pipeline.clean.synthetic import FaceRows, people, photos, write_faces_dir
 from pipeline.config import BuildConfig
 from pipeline.shards import DatasetDir
@@ -52,7 +52,7 @@ def read_selection(root) -> dict[str, dict]:
 def test_stage_selection_funnel_and_shards(tmp_path):
     rows, _ = build_rows()
     inp = faces_dir(tmp_path / "faces", rows)
-    stats = registry.run_stage("clean", BuildConfig(), {"faces": inp.root}, tmp_path / "clean")
+    stats = clean.run(BuildConfig(), {"faces": inp.root}, tmp_path / "clean")
     out = DatasetDir(tmp_path / "clean")
     assert out.done_ids() == inp.done_ids() == ["00000", "00001"]
     for sid in out.done_ids():
@@ -78,8 +78,8 @@ def test_stage_is_deterministic_and_resumes(tmp_path):
     rows, _ = build_rows(1)
     inp = faces_dir(tmp_path / "faces", rows)
     cfg = BuildConfig()
-    registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "a")
-    registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "b")
+    clean.run(cfg, {"faces": inp.root}, tmp_path / "a")
+    clean.run(cfg, {"faces": inp.root}, tmp_path / "b")
     a, b = DatasetDir(tmp_path / "a"), DatasetDir(tmp_path / "b")
     for sid in a.done_ids():
         assert a.parquet(sid).read_bytes() == b.parquet(sid).read_bytes()
@@ -88,17 +88,17 @@ def test_stage_is_deterministic_and_resumes(tmp_path):
     # A run killed before its last marker and roll-up: only that shard is written again, identically.
     a.marker("00001").unlink()
     (tmp_path / "a" / "stats.json").unlink()
-    registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "a")
+    clean.run(cfg, {"faces": inp.root}, tmp_path / "a")
     assert a.parquet("00001").read_bytes() == before and a.parquet("00000").stat().st_mtime_ns == mtime
     # Finished and unchanged: skipped.
-    again = registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "a")
+    again = clean.run(cfg, {"faces": inp.root}, tmp_path / "a")
     assert again == json.loads((tmp_path / "a" / "stats.json").read_text())
     assert a.parquet("00000").stat().st_mtime_ns == mtime
     # Another config must not mix with this selection.
     other = BuildConfig.model_validate({"clean": {"face_score": 0.4}})
     with pytest.raises(StageError, match="overwrite"):
-        registry.run_stage("clean", other, {"faces": inp.root}, tmp_path / "a")
-    stats = registry.run_stage("clean", other, {"faces": inp.root}, tmp_path / "a", overwrite=True)
+        clean.run(other, {"faces": inp.root}, tmp_path / "a")
+    stats = clean.run(other, {"faces": inp.root}, tmp_path / "a", overwrite=True)
     assert stats["drops"].get("low_face_score", 0) == 0
 
 
@@ -113,7 +113,7 @@ def test_val_overlap_through_center_files_and_embedder_mismatch(tmp_path):
     calfw = tmp_path / "calfw.parquet"
     write_centers(calfw, "calfw", "kprpe", "{}", ["x"], people(rng, 1, DIM), [3])
     cfg = BuildConfig.model_validate({"clean": {"valsets": [str(lfw), str(calfw)]}})
-    stats = registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "clean")
+    stats = clean.run(cfg, {"faces": inp.root}, tmp_path / "clean")
     sel = read_selection(tmp_path / "clean")
     assert {sel[f"bob{i}_0"]["reason"] for i in range(3)} == {"val_overlap:lfw"}
     assert sel["ann1_0"]["kept"]
@@ -126,7 +126,7 @@ def test_val_overlap_through_center_files_and_embedder_mismatch(tmp_path):
     write_centers(dlib, "lfw", "dlib", "{}", ["img0"], people(rng, 1, DIM), [1])
     bad = BuildConfig.model_validate({"clean": {"valsets": [str(dlib)]}})
     with pytest.raises(StageError, match="built with embedder 'dlib'.*from 'kprpe'"):
-        registry.run_stage("clean", bad, {"faces": inp.root}, tmp_path / "clean2")
+        clean.run(bad, {"faces": inp.root}, tmp_path / "clean2")
 
 
 def test_bad_rows_and_bad_inputs(tmp_path):
@@ -134,7 +134,7 @@ def test_bad_rows_and_bad_inputs(tmp_path):
     rows.cols["feature"][1] = rows.cols["feature"][1][:-2]  # truncated feature: one value short
     rows.cols["feature"][2] = np.full(DIM, np.nan, "<f2").tobytes()
     inp = faces_dir(tmp_path / "faces", rows)
-    stats = registry.run_stage("clean", BuildConfig(), {"faces": inp.root}, tmp_path / "clean")
+    stats = clean.run(BuildConfig(), {"faces": inp.root}, tmp_path / "clean")
     sel = read_selection(tmp_path / "clean")
     assert sel["ann1_0"]["reason"] == sel["ann2_0"]["reason"] == "bad_feature"
     assert stats["drops"]["bad_feature"] == 2
@@ -144,18 +144,18 @@ def test_bad_rows_and_bad_inputs(tmp_path):
     mixed.cols["embedder"][0] = "dlib"
     inp2 = faces_dir(tmp_path / "mixed", mixed)
     with pytest.raises(StageError, match="mixes embedders"):
-        registry.run_stage("clean", BuildConfig(), {"faces": inp2.root}, tmp_path / "c2")
+        clean.run(BuildConfig(), {"faces": inp2.root}, tmp_path / "c2")
 
     # Unfinished faces stage (no roll-up): refused, clean is global.
     shutil.copytree(inp.root, tmp_path / "partial")
     (tmp_path / "partial" / "stats.json").unlink()
     with pytest.raises(StageError, match="faces stage has not finished"):
-        registry.run_stage("clean", BuildConfig(), {"faces": tmp_path / "partial"}, tmp_path / "c3")
+        clean.run(BuildConfig(), {"faces": tmp_path / "partial"}, tmp_path / "c3")
 
     # A missing center file: refused with what to do.
     cfg = BuildConfig.model_validate({"clean": {"valsets": [str(tmp_path / "nope.parquet")]}})
     with pytest.raises(StageError, match="webbody valsets build"):
-        registry.run_stage("clean", cfg, {"faces": inp.root}, tmp_path / "c4")
+        clean.run(cfg, {"faces": inp.root}, tmp_path / "c4")
 
 
 def test_thresholds_come_from_config_then_embedder_defaults():

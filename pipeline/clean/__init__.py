@@ -1,9 +1,10 @@
-"""Identity cleaning (global stage): per-name clustering, merging, de-duplication, validation overlap.
+"""Identity cleaning: per-name clustering, merging, de-duplication, validation overlap.
 
-`run` is the stage entry point used by `pipeline.registry`; `build_valset_centers` lives in
+`run` is the stage entry point used by `pipeline.registry` (three planned passes on the executor,
+pipeline/clean/partition.py); `run_single_process` is its one-process reference; `build_valset_centers` lives in
 `pipeline.valsets`. The steps are small modules: cluster, merge, dedup, overlap, select (their order).
 """
 
-from pipeline.clean.stage import run
+from pipeline.clean.stage import run, run_single_process
 
-__all__ = ["run"]
+__all__ = ["run", "run_single_process"]

@@ -73,9 +73,10 @@ def _codes(values: pa.ChunkedArray, sort: bool) -> tuple[np.ndarray, list[str]]:
     return new_code[codes], [dictionary[int(k)].as_py() for k in order]
 
 
-def load_faces(inp: DatasetDir, persons: DatasetDir | None = None) -> Loaded:
-    """All finished faces shards; with `persons`, also the perceptual hashes of every row's face patch."""
-    ids = inp.done_ids()
+def load_faces(inp: DatasetDir, persons: DatasetDir | None = None, ids: list[str] | None = None) -> Loaded:
+    """All finished faces shards (or the shards `ids`, in that order); with `persons`, also the perceptual
+    hashes of every row's face patch."""
+    ids = inp.done_ids() if ids is None else list(ids)
     dim = _majority_dim(inp, ids)
     # Preallocated: concatenating per-shard arrays would hold the features twice at the peak.
     total = sum(inp.num_rows(sid) for sid in ids)

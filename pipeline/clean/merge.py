@@ -26,7 +26,16 @@ def identity_centers(state: CleanState, weighting: str) -> tuple[np.ndarray, np.
     "norm" weighting sums raw features (normalised feature x its norm), the reference's rule; "mean" sums
     the normalised features.
     """
-    rows = np.flatnonzero(state.kept())
+    ids, sums, counts = identity_sums(state, weighting)
+    return ids, normalise(sums), counts
+
+
+def identity_sums(state: CleanState, weighting: str, within: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(identity ids, weighted feature sums (float32, not normalised), image counts) of the kept rows,
+    optionally only those in the boolean mask `within` (one shard's rows: sums of shards add up)."""
+    kept = state.kept() if within is None else state.kept() & within
+    rows = np.flatnonzero(kept)
     ids, local = np.unique(state.ident[rows], return_inverse=True)
     centers = np.zeros((len(ids), state.feats.shape[1]), dtype=np.float32)
     weights = state.norms[rows] if weighting == "norm" else np.ones(len(rows), dtype=np.float32)
@@ -37,7 +46,7 @@ def identity_centers(state: CleanState, weighting: str) -> tuple[np.ndarray, np.
         pick = sp.csr_matrix((weights[sl].astype(np.float32), (local[sl], np.arange(n))), shape=(len(ids), n))
         centers += pick @ state.feats[rows[sl]].astype(np.float32)
     counts = np.bincount(local, minlength=len(ids))
-    return ids, normalise(centers), counts
+    return ids, centers, counts
 
 
 def _representative(members: np.ndarray, counts: np.ndarray, names: list[str]) -> int:
@@ -90,3 +99,64 @@ def merge_identities(state: CleanState, merge: float, ambiguous: float, block: i
         "ambiguous_images_dropped": dropped_images,
     }
 
+
+
+def merge_centers(names: list[str], sums: np.ndarray, counts: np.ndarray, merge: float, ambiguous: float,
+                  block: int) -> tuple[dict[str, str], set[str], dict]:
+    """`merge_identities` on identity centers alone (one weighted feature sum per identity, summed over
+    shards): the cross-identity step of the partitioned stage, small next to the rows.
+
+    Returns (identity -> the identity it merges into, for those merged away; the identities dropped as
+    `ambiguous_identity` (final ids); the report). The rules are `merge_identities`'s: components of
+    pairs above `merge` (scipy connected components) take the representative's id (most images, then the
+    smallest id string), centers are re-summed and the search repeats until no pair is above `merge`.
+    """
+    names = list(names)
+    sums = np.asarray(sums, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    into: dict[str, str] = {}
+    rounds = merged = 0
+    while True:
+        i, j, s = pairs_above(normalise(sums), ambiguous, block)
+        strong = s > merge
+        if not strong.any():
+            break
+        rounds += 1
+        n = len(names)
+        graph = sp.csr_matrix((np.ones(int(strong.sum())), (i[strong], j[strong])), shape=(n, n))
+        _, comp = connected_components(graph, directed=False)
+        rep_of = np.arange(n)
+        for c in np.unique(comp[np.bincount(comp)[comp] > 1]):
+            members = np.flatnonzero(comp == c)
+            rep = _representative(members, counts, names)
+            rep_of[members] = rep
+            merged += len(members) - 1
+        keep = np.flatnonzero(rep_of == np.arange(n))
+        new_index = np.full(n, -1, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        target = new_index[rep_of]
+        for m in np.flatnonzero(rep_of != np.arange(n)):
+            into[names[int(m)]] = names[int(rep_of[m])]
+        new_sums = np.zeros((len(keep), sums.shape[1]), dtype=np.float32)
+        np.add.at(new_sums, target, sums)
+        counts = np.bincount(target, weights=counts, minlength=len(keep)).astype(np.int64)
+        sums, names = new_sums, [names[int(k)] for k in keep]
+    # Chains (a into b, b later into c) end at the final identity.
+    for a in list(into):
+        b = into[a]
+        while b in into:
+            b = into[b]
+        into[a] = b
+    idx = np.arange(len(names))
+    losers = {names[_smaller_index(int(a), int(b), counts, names)] for a, b in zip(idx[i], idx[j])}
+    lost = sum(int(counts[k]) for k in range(len(names)) if names[k] in losers)
+    report = {"merge_rounds": rounds, "identities_merged_away": merged, "ambiguous_pairs": int(len(i)),
+              "ambiguous_identities_dropped": len(losers), "ambiguous_images_dropped": lost}
+    return into, losers, report
+
+
+def _smaller_index(a: int, b: int, counts: np.ndarray, names: list[str]) -> int:
+    """`_smaller` on positions of one identity list."""
+    if counts[a] != counts[b]:
+        return a if counts[a] < counts[b] else b
+    return a if names[a] > names[b] else b

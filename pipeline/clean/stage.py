@@ -1,11 +1,13 @@
-"""The global clean stage: read every faces shard, compute the selection, write it back per shard.
+"""The clean stage: per-name steps per faces shard, cross-identity steps on identity centers.
 
-Each faces row gets a verdict in the clean shard with the same id as the faces shard it came from, so
-lineage holds and bundle joins shard by shard. The global computation is cheap next to the model stages,
-so resume is simple: `_stage.json` records the config and a fingerprint of the input (faces markers and
-validation center files); a finished directory with the same record is skipped, an unfinished one is
-recomputed and only the missing shards are committed (the selection is deterministic, so they match the
-shards already there byte for byte). A different config or input needs `overwrite`.
+`run` is the stage on the executor contract (pipeline/clean/partition.py): three planned passes, each
+one unit per faces shard, run by the run section's executor (local or Ray), which claims, commits,
+counts, resumes and rolls up; the passes live under the output (`_names`, `_dedup`), the selection is
+the output itself. Each faces row gets a verdict in the clean shard with the same id as the faces shard
+it came from, so lineage holds and bundle joins shard by shard.
+
+`run_single_process` is the same computation in one process (every feature in memory); it stays as the
+reference the partitioned stage is tested against byte for byte (tests/test_clean_partition.py).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def _prepare(out: DatasetDir, meta: dict, overwrite: bool) -> bool:
     return False
 
 
-def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
+def run_single_process(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
+    """The whole selection in one process (the reference of `run`)."""
     inp, out = DatasetDir(inputs["faces"]), DatasetDir(output)
     # The persons crops give the perceptual hashes that find copies of one photo (pipeline/clean/copies.py).
     persons = DatasetDir(inputs["persons"]) if inputs.get("persons") else None
@@ -160,3 +163,21 @@ def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool
     }
     atomic_write_json(out.root / "stats.json", rollup)
     return rollup
+
+
+def run(cfg: BuildConfig, inputs: dict, output, overwrite: bool = False, executor=None) -> dict:
+    """The clean stage on the executor (see the module doc); returns the selection's roll-up."""
+    from pipeline.clean.partition import run_partitioned
+
+    inp = DatasetDir(inputs["faces"])
+    if not inputs.get("persons"):
+        log.warning("clean: no persons input, so copies of one photo (mirrored, cropped) are not collapsed")
+    _check_input(inp)
+    # Refuse missing or mismatched validation center files before any pass runs.
+    for sid in inp.done_ids():
+        head = inp.read_shard(sid, columns=["embedder", "feature_dim"])
+        if head.num_rows:
+            load_valsets(cfg.clean.valsets, head.column("embedder")[0].as_py(),
+                         int(head.column("feature_dim")[0].as_py()))
+            break
+    return run_partitioned(cfg, inputs, output, overwrite, executor)

@@ -1,6 +1,6 @@
 """The persons stage: downloaded images -> one row per person (padded body crop, box, 17 keypoints).
 
-Official recipe (docs: official-reference 1c): an Ultralytics pose model on the downloaded 640 canvas; every
+Official recipe (docs/official-pipeline.md 1c): an Ultralytics pose model on the downloaded 640 canvas; every
 person with box confidence >= 0.7, at most 6, in confidence order; box padded 5% of its width/height per side;
 the crop cut from the downloaded image. Which person is the identity is decided later by face clustering, so
 all confident persons are kept unless `mode: dominant` asks for one per image.

@@ -1,4 +1,4 @@
-"""Weight resolution shared by the model stages (DESIGN.md, "Models and weights").
+"""Weight resolution shared by the model stages (docs/architecture.md; the offline weights: docs/offline-models.md).
 
 A weight named in config is either a path, `asset:NAME` (a registry-shipped weight, demo/test configs), or a
 known name looked up in order:

@@ -1,7 +1,7 @@
 """Geometry of the faces stage: the official upper-body pre-crop, square padding, 5-point alignment.
 
 All coordinates are pixels of the body crop unless said otherwise. The pre-crop follows the official
-`crop_upper_body_from_body` (official-reference 1d), including its integer truncations and fall-backs; one
+`crop_upper_body_from_body` (docs/official-pipeline.md 1d), including its integer truncations and fall-backs; one
 case the official code would crash on (a crop with no area after the shoulder cut) falls back to the whole
 body crop too.
 """

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.stage import StageError
 
-# The paper's cosine thresholds (official-reference 1f/1g) for the 512-d ArcFace-style embedders.
+# The paper's cosine thresholds (docs/official-pipeline.md 1f/1g) for the 512-d ArcFace-style embedders.
 _COSINE_PAPER = {"dbscan_eps": 0.7, "dbscan_min_samples": 2, "merge": 0.7, "ambiguous": 0.6,
                  "val_overlap": 0.7, "duplicate": 0.9}
 

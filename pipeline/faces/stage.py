@@ -1,6 +1,6 @@
 """The faces stage: body crops (persons table) -> best face box, 5 landmarks, score and a face feature.
 
-Per person row, as in the official step d/e (official-reference 1d, 1e):
+Per person row, as in the official step d/e (docs/official-pipeline.md 1d, 1e):
 1. decode the body crop; pre-crop the upper body from the 17 keypoints (official rule and fall-backs);
 2. pad it to a square with black, resize to the detector input (160 by default), detect; keep the single best
    face whatever its score (the score is stored; cleaning filters it);

@@ -1,12 +1,17 @@
-"""Clean-stage scale: wall time and peak memory of the whole stage on N synthetic features over M names.
+"""Clean-stage scale: wall time and peak memory of the whole stage on N synthetic features over M names,
+and how the one-detection-per-photo step grows when rows double.
 
 The faces shards are generated first (10 000 rows each, 512-d float16 features, ~10 photos per name, 30%
 label noise); then the stage runs in a child process whose peak RSS is measured on its own. Per-step times
 come from the stage's log. A projection to the paper's 94 M images is printed from the measured rates:
 loading and DBSCAN scale with rows, the merge search with identities squared.
 
-Usage: python benchmarks/clean_scale.py [--rows 1000000] [--names 100000] [--dim 512]
-Writes benchmarks/results/clean_scale.json.
+Same-photo growth: `_one_detection_per_photo` on an in-memory state of N and 2N rows (512-d float16, ten
+rows per identity, 5 % of identities holding a repeated photo), timed in pairs (benchmarks/paired.py):
+the ratio t(2N) / t(N) must stay <= 2.2 (the old step scanned all N rows once per such identity: 4x).
+
+Usage: python benchmarks/clean_scale.py [--rows 200000] [--names 20000] [--dim 512] [--photo-rows 500000]
+Writes benchmarks/results/clean_scale.json (single process: the partitioned Ray clean is not built yet).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from pipeline.runtime import ensure_offline_env  # noqa: E402
 
 ensure_offline_env()
 
-from pipeline.clean.state import normalise  # noqa: E402
+from benchmarks.paired import Recorder, headline, paired_ratio  # noqa: E402
+from pipeline.clean.cluster import _one_detection_per_photo  # noqa: E402
+from pipeline.clean.state import CleanState, normalise  # noqa: E402
 from pipeline.clean.synthetic import write_faces_dir  # noqa: E402
 from schemas.faces import FACES  # noqa: E402
 
@@ -73,6 +80,41 @@ def generate(root: Path, rows: int, names: int, dim: int) -> None:
     write_faces_dir(root, tables)
 
 
+def photo_state(rows: int, dim: int, seed: int = 0) -> CleanState:
+    """Ten rows per identity; 5 % of identities hold one photo twice (two detections)."""
+    rng = np.random.default_rng(seed)
+    ident = np.arange(rows) // 10
+    photo = np.arange(rows)
+    n_ids = int(ident.max()) + 1
+    rep = rng.choice(n_ids, size=max(1, n_ids // 20), replace=False)
+    photo[rep * 10 + 1] = photo[rep * 10]  # the identity's second row is a second face of its first photo
+    feats = np.empty((rows, dim), dtype=np.float16)
+    for a in range(0, rows, 100_000):
+        feats[a:a + 100_000] = normalise(rng.standard_normal((min(100_000, rows - a), dim)).astype(np.float32))
+    return CleanState(feats=feats, norms=np.ones(rows, np.float32), label=ident.copy(), labels=[],
+                      photo=photo, face_score=rng.uniform(0.96, 1, rows).astype(np.float32),
+                      order_key=np.arange(rows), ident=ident.copy())
+
+
+def same_photo_growth(rows: int, dim: int, pairs: int) -> tuple[dict, dict]:
+    small, big = photo_state(rows, dim), photo_state(2 * rows, dim, seed=1)
+
+    def run(st: CleanState):
+        def go() -> int:
+            st.ident[:] = st.label
+            st.reason[:] = None
+            return _one_detection_per_photo(st)
+        return go
+
+    dropped = (run(small)(), run(big)())
+    p = paired_ratio(run(small), run(big), pairs=pairs)
+    # paired_ratio's ratio is rate(a) / rate(b) with unit work: t(big) / t(small).
+    growth = p.summary(unit="x", target="<= 2.2", note=f"t({2 * rows} rows) / t({rows} rows), "
+                       f"{dim}-d float16, 5% of identities with a repeated photo")
+    return growth, {"rows": rows, "dim": dim, "dropped_same_photo": dropped, "seconds_small": p.a_seconds,
+                    "seconds_big": p.b_seconds}
+
+
 def run_child(faces: Path, out: Path) -> None:
     """Run the stage in this (child) process; print its stats as JSON on the last line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -87,14 +129,18 @@ def run_child(faces: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--names", type=int, default=100_000)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--names", type=int, default=20_000)
+    ap.add_argument("--photo-rows", type=int, default=500_000)
+    ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--child", nargs=2, metavar=("FACES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         run_child(Path(args.child[0]), Path(args.child[1]))
         return
+    rec = Recorder("clean_scale", args)
+    growth, growth_details = same_photo_growth(args.photo_rows, args.dim, args.pairs)
     with tempfile.TemporaryDirectory(prefix="clean-scale-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -122,13 +168,10 @@ def main() -> None:
         },
         "log_tail": log.splitlines()[-12:],
     }
-    out = ROOT / "benchmarks" / "results" / "clean_scale.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| rows | names | dim | identities kept | wall (s) | peak RSS (GiB) | features (GiB) | us/row |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.rows} | {args.names} | {args.dim} | {stats['identities']} | {wall:.1f} | {peak_gib:.2f} | "
-          f"{feature_gib:.2f} | {per_row * 1e6:.1f} |")
+    rec.write({"same_photo_growth_x": growth,
+               "stage_peak_gib": headline(round(peak_gib, 3), unit="GiB",
+                                          note=f"whole stage, ONE process, {args.rows} rows / {args.names} names")},
+              {"stage": result, "same_photo": growth_details})
     print(json.dumps(result["projection_94m"]))
 
 

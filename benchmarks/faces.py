@@ -6,34 +6,27 @@ crop around every confident face of obama x3, biden, astronaut, grace_hopper, t1
 fitted into 640 px as the download stage does), with COCO
 keypoints placed from the face (so the official upper-body pre-crop runs), JPEG q95, repeated to ``--rows``.
 
-* ``detect``: RetinaFace-mnet0.25 (biubug6 layout, 160 input, batched) on the already pre-cropped squares;
-* ``align``: skimage similarity to the ArcFace template + 112 warp, per face;
-* ``embed_<name>``: each embedder on already aligned faces: dlib ResNet (real CC0 weights), KP-RPE ViT-B and
-  ViT-tiny (random weights: same compute as the real model), an ArcFace-sized ONNX stand-in (torchvision
-  ResNet-50, 112 input, 512-d, random weights: no ArcFace weights ship in any package);
-* ``model``: detect + align + embed (the sum of the model-alone times per face);
-* ``stage``: ``FacesStage`` run by ``LocalExecutor`` over parquet shards of the same rows (JPEG decode,
-  pre-crop, letterbox, detect, align, embed, float16 rows, validation, shard commit), models loaded beforehand.
-Times are CPU seconds of the process (``time.process_time``; the machine is shared with other jobs and wall time
-would measure them too). Each repeat runs the model parts then the stage; faces/s are best-of ``--repeats``,
-the ratio is the median of the per-repeat ratios.
+Paired (`benchmarks/paired.py`): the stage and the models alone interleaved in alternating order, >= 5 pairs,
+median of the per-pair ratios with min and max, CPU seconds of this process as the clock (per core).
 
-Writes ``benchmarks/results/faces.json``; headline ``ratio_stage_vs_model`` is the demo configuration's
-(RetinaFace-mnet0.25 + dlib): stage faces/s over model-alone faces/s.
+* ``model``: RetinaFace-mnet0.25 on the already pre-cropped 160 canvases (batches of 16) + similarity alignment
+  and 112 warp per face + the embedder on the already aligned faces (batches of 16);
+* ``stage``: ``FacesStage.process`` on PERSONS tables of the same rows (JPEG decode, pre-crop, letterbox,
+  detect, align, embed, float16 rows); in-process, the executors' costs are the engine's benchmarks.
+Both on the default backend (``backend: auto``: the detector on OpenVINO here; KP-RPE compiled to OpenVINO).
+Headlines: ``ratio_stage_vs_model`` for the demo (RetinaFace-mnet0.25 + dlib, real CC0 weights) and
+``ratio_stage_vs_model_kprpe_base`` for KP-RPE ViT-B (random weights: the real model's compute).
+Detail: simplejpeg vs OpenCV decoding the crops (paired, and the largest pixel difference).
 
-Usage: python benchmarks/faces.py [--rows 48] [--repeats 3] [--kprpe-base-rows 8]
+Writes ``benchmarks/results/faces.json``. Sized for a few minutes on the shared 2-core machine.
+
+Usage: python benchmarks/faces.py [--rows 48] [--kprpe-base-rows 16] [--pairs 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +37,8 @@ from pipeline.runtime import ensure_offline_env  # noqa: E402
 ensure_offline_env()
 
 import numpy as np  # noqa: E402
+
+from benchmarks.paired import Recorder, paired_ratio  # noqa: E402
 
 PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png", "grace_hopper.jpg", "t1.jpg",
           "solvay.jpg")
@@ -83,29 +78,6 @@ def make_rows(n: int) -> list[dict]:
     return rows
 
 
-def arcface_standin(workdir: Path) -> Path:
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=512).eval()
-    path = workdir / "arcface_r50_standin.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 112, 112),), str(path), input_names=["data"], output_names=["fc1"],
-                      dynamic_axes={"data": {0: "batch"}, "fc1": {0: "batch"}}, dynamo=False)
-    return path
-
-
-def timed(fn, repeats: int) -> float:
-    """Best CPU seconds of this process (all its threads): with one thread per model that is core time,
-    which the other jobs sharing this machine do not inflate the way they inflate wall time."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
-
-
 def prepared_inputs(stage, rows):
     """What the models see, computed once outside the timings: detector canvases, detections, aligned faces."""
     from collections import Counter
@@ -127,120 +99,88 @@ def prepared_inputs(stage, rows):
     return canvases, landmarks, faces
 
 
-def bench(args) -> dict:
+def bench(args) -> tuple[dict, dict]:
     import torch
 
     from pipeline.config import FacesConfig
-    from pipeline.executors import LocalExecutor
     from pipeline.faces import FacesStage
     from pipeline.faces.align import similarity_to_template, warp_region
-    from pipeline.faces.stage import decode_rgb
+    from pipeline.inference import choose_backend
     from schemas.persons import PERSONS
-    from tests.faces_support import write_persons
 
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
     rows = make_rows(args.rows)
-    common = dict(detector_model="retinaface_mnet025.onnx", num_threads=1, device="cpu", batch_size=16)
+    default = choose_backend("auto")
+    common = dict(detector_model="retinaface_mnet025.onnx", num_threads=1, device="cpu", batch_size=16,
+                  backend=default)
     configs = {
         "dlib": dict(embedder="dlib"),
-        "kprpe_tiny": dict(embedder="kprpe", embedder_model="random", kprpe_size="tiny"),
         "kprpe_base": dict(embedder="kprpe", embedder_model="random", kprpe_size="base"),
-        "arcface_r50_standin": dict(embedder="arcface", embedder_model=str(arcface_standin(work))),
     }
-    results: dict = {"rows": args.rows, "embedders": {}}
-    detect_s = align_s = None
+    heads: dict = {}
+    details: dict = {"default_backend": default, "threads_per_model": 1, "embedders": {}}
     for name, extra in configs.items():
         n = args.kprpe_base_rows if name == "kprpe_base" else args.rows
         sub = rows[:n]
         stage = FacesStage(FacesConfig(**common, **extra))
         stage.ensure_setup()
         canvases, landmarks, faces = prepared_inputs(stage, sub)
-        # Shards of 16 rows, as many as the stage's batches.
-        shards = [sub[i:i + 16] for i in range(0, n, 16)]
-        src = work / f"persons-{name}"
-        write_persons(src, shards)
-        assert all(PERSONS.validate(PERSONS.from_rows(s)) is not None for s in shards)
+        tables = [PERSONS.from_rows(sub[i:i + 16]) for i in range(0, n, 16)]
 
-        def run_stage(stage=stage, src=src, name=name):
-            out = work / f"faces-{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            LocalExecutor().run(stage, src, out)
+        def run_stage(stage=stage, tables=tables) -> int:
+            return sum(stage.process(t).table.num_rows for t in tables)
 
-        def run_detect(canvases=canvases, stage=stage):
-            for i in range(0, len(canvases), 16):
+        def run_model(canvases=canvases, landmarks=landmarks, faces=faces, stage=stage) -> int:
+            for i in range(0, len(canvases), 16):  # detect, align, embed: the models' own work, same batches
                 stage.detector.detect_batch(canvases[i:i + 16], max_faces=1)
-
-        def run_align(landmarks=landmarks):
             for p, lm in landmarks:
                 warp_region(p.image, p.region, similarity_to_template(lm))
-
-        def run_embed(faces=faces, stage=stage):
             for i in range(0, len(faces), 16):
                 stage.embedder.embed(faces[i:i + 16])
+            return len(faces)
 
-        def run_decode(sub=sub):
-            for r in sub:
-                decode_rgb(r["crop"])
-
-        t_stage = t_det = t_align = t_embed = t_dec = float("inf")
-        ratios = []
-        for _ in range(args.repeats):  # paired: model parts then the stage, so load spikes hit both alike
-            d, a, e = timed(run_detect, 1), timed(run_align, 1), timed(run_embed, 1)
-            st = timed(run_stage, 1)
-            ratios.append((d + a + e) / st)
-            t_det, t_align, t_embed, t_stage = min(t_det, d), min(t_align, a), min(t_embed, e), min(t_stage, st)
-            t_dec = min(t_dec, timed(run_decode, 1))
-        t_model = t_det + t_align + t_embed
-        results["embedders"][name] = {
-            "faces": n,
-            "embed_faces_s": round(n / t_embed, 2),
-            "model_faces_s": round(n / t_model, 2),
-            "stage_faces_s": round(n / t_stage, 2),
-            # median over the paired runs (robust to the machine's load); best-of figures above
-            "ratio_stage_vs_model": round(float(np.median(ratios)), 3),
-            "ratios": [round(r, 3) for r in ratios],
-            "overhead_ms_per_face": round(1000 * (t_stage - t_model) / n, 2),
-            "decode_ms_per_face": round(1000 * t_dec / n, 2),
+        p = paired_ratio(run_stage, run_model, pairs=args.pairs, clock="cpu")
+        key = "ratio_stage_vs_model" if name == "dlib" else f"ratio_stage_vs_model_{name}"
+        heads[key] = p.summary(unit="x per core", target=">= 0.95",
+                               note=f"FacesStage.process vs detect+align+embed alone, {name}, backend {default}, "
+                                    "1 thread")
+        details["embedders"][name] = {
+            "faces": n, "rows_out": run_stage(),
+            "stage_faces_per_core_s": round(n / float(np.median(p.a_seconds)), 2),
+            "model_faces_per_core_s": round(n / float(np.median(p.b_seconds)), 2),
         }
-        detect_s = n / t_det if detect_s is None else max(detect_s, n / t_det)
-        align_s = n / t_align if align_s is None else max(align_s, n / t_align)
-        r = results["embedders"][name]
-        print(f"{name:>22}: embed {n / t_embed:8.2f} f/s  model {n / t_model:8.2f} f/s  "
-              f"stage {n / t_stage:8.2f} f/s  ratio {r['ratio_stage_vs_model']:.3f} (median of {r['ratios']})  "
-              f"overhead {r['overhead_ms_per_face']} ms/face (JPEG decode {r['decode_ms_per_face']})", flush=True)
-    results["detect_faces_s"] = round(detect_s, 2)
-    results["align_faces_s"] = round(align_s, 2)
-    results["ratio_stage_vs_model"] = results["embedders"]["dlib"]["ratio_stage_vs_model"]
-    shutil.rmtree(work, ignore_errors=True)
-    return results
+        print(f"{name}: {details['embedders'][name]}, ratio {p.median:.3f} ({min(p.ratios):.3f}-{max(p.ratios):.3f})",
+              flush=True)
+    details["jpeg_decode"] = jpeg_decode(rows, args.pairs)
+    return heads, details
+
+
+def jpeg_decode(rows: list[dict], pairs: int) -> dict:
+    """simplejpeg vs OpenCV decoding the body crops to RGB: paired speed and the largest pixel difference."""
+    import cv2
+    import simplejpeg
+
+    from pipeline.faces.stage import decode_rgb
+
+    crops = [r["crop"] for r in rows]
+    diff = max(int(np.abs(simplejpeg.decode_jpeg(c, colorspace="RGB").astype(int) - decode_rgb(c).astype(int)).max())
+               for c in crops)
+    p = paired_ratio(lambda: [simplejpeg.decode_jpeg(c, colorspace="RGB") for c in crops] * 20,
+                     lambda: [decode_rgb(c) for c in crops] * 20, pairs=pairs, clock="cpu")
+    return {"ratio_simplejpeg_vs_cv2": round(p.median, 4), "min": round(min(p.ratios), 4),
+            "max": round(max(p.ratios), 4), "pairs": len(p.ratios), "max_pixel_diff": diff,
+            "opencv": cv2.__version__, "simplejpeg": simplejpeg.__version__}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=48)
-    ap.add_argument("--kprpe-base-rows", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faces.json"))
+    ap.add_argument("--kprpe-base-rows", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=5)
     args = ap.parse_args()
-    t0 = time.time()
-    res = bench(args)
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "threads_per_model": 1,
-                      "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
-    res["seconds"] = round(time.time() - t0, 1)
-    print()
-    print("| what | faces/s per core |")
-    print("|---|---:|")
-    print(f"| detect (RetinaFace-mnet0.25, 160 input) | {res['detect_faces_s']} |")
-    print(f"| align (similarity + 112 warp) | {res['align_faces_s']} |")
-    for name, r in res["embedders"].items():
-        print(f"| embed {name} alone | {r['embed_faces_s']} |")
-        print(f"| model alone, {name} | {r['model_faces_s']} |")
-        print(f"| stage, {name} | {r['stage_faces_s']} (ratio {r['ratio_stage_vs_model']}, overhead "
-              f"{r['overhead_ms_per_face']} ms/face of which JPEG decode {r['decode_ms_per_face']}) |")
-    print(f"\nheadline ratio_stage_vs_model (demo: RetinaFace-mnet0.25 + dlib): {res['ratio_stage_vs_model']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    rec = Recorder("faces", args)
+    heads, details = bench(args)
+    rec.write(headlines=heads, details=details)
 
 
 if __name__ == "__main__":

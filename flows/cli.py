@@ -13,7 +13,7 @@ from pipeline.runtime import ensure_offline_env
 
 # Modules that add their own subcommands (`add_commands(subparsers)`), imported only if present so that a
 # checkout missing one still has a working CLI.
-COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end", "flows.valsets_cli"]
+COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end", "flows.valsets_cli", "flows.finetune"]
 
 
 def _parse_overrides(items: list[str] | None) -> dict:
@@ -104,6 +104,16 @@ def _print_result(result: dict) -> None:
         print(f"  {s['stage']:<9} in={s.get('rows_in')} out={s.get('rows_out')}  {drops}")
 
 
+def cmd_models_export(args: argparse.Namespace) -> int:
+    from flows.build import load_build_config
+    from pipeline.inference import export_models
+
+    cfg = load_build_config(args.config, None, _parse_overrides(args.set))
+    for rec in export_models(cfg, args.backend or None):
+        print(json.dumps(rec))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.registry import STAGE_NAMES
 
@@ -147,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="print the funnel of a build (or a stage's roll-up)")
     st.add_argument("dir")
     st.set_defaults(fn=cmd_stats)
+
+    m = sub.add_parser("models", help="prepare the model stages' weights").add_subparsers(dest="models", required=True)
+    me = m.add_parser("export", help="export the persons/faces models for their backends once (cached by checksum)")
+    me.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    me.add_argument("--backend", action="append", choices=["onnxruntime", "openvino"], help="default: configured")
+    me.add_argument("--set", action="append", metavar="KEY=VALUE")
+    me.set_defaults(fn=cmd_models_export)
 
     for name in COMMAND_PROVIDERS:
         if importlib.util.find_spec(name) is None:

@@ -18,11 +18,21 @@ class _Strict(BaseModel):
 
 
 class RunConfig(_Strict):
+    """Where and how stages run (execution only: none of these enters an output's config hash)."""
+
     executor: Literal["local", "ray"] = "ray"
     ray_address: str | None = None  # None = local Ray started in-process
-    num_actors: int = Field(1, ge=1)  # actor-pool size for model stages
-    actor_cpus: float = Field(0.5, gt=0)  # < total CPUs: leave room for Ray Data's read tasks
-    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the machine has GPUs
+    # Actor pool of model stages: a fixed size, or None = from the cluster: floor(GPUs / actor_gpus) where
+    # GPUs exist, else floor(CPUs / actor_cpus), within [min_actors, max_actors], never above pending shards.
+    num_actors: int | None = Field(1, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    actor_cpus: float = Field(0.5, gt=0)
+    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the cluster has GPUs; 0.25 = 4 actors a GPU
+    # CPU stages: one Ray task per shard, as many in flight as the cluster has CPUs / task_cpus.
+    task_cpus: float = Field(1.0, gt=0)
+    task_timeout_s: float | None = Field(None, gt=0)  # a unit running longer is cancelled and run again
+    task_retries: int = Field(2, ge=0)  # attempts after a unit's own error (lost workers/nodes don't count)
 
 
 class QueryInput(_Strict):
@@ -50,6 +60,8 @@ class DownloadConfig(_Strict):
     encode_quality: int = Field(85, ge=1, le=100)
     timeout: int = Field(20, ge=1)
     retries: int = Field(1, ge=0)
+    # No effect (kept so that older configs load): downloads run one task per manifest shard, as many at
+    # once as the Ray cluster has CPUs; `thread_count` is the fetch threads per task.
     processes_count: int = Field(2, ge=1)
     thread_count: int = Field(16, ge=1)
     # Opt-out headers (X-Robots-Tag) honoured by default; an empty list is an explicit, logged override.
@@ -60,9 +72,11 @@ class DownloadConfig(_Strict):
     max_body_bytes: int = Field(50_000_000, ge=1)  # a response body above this is cut off (body_too_large)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
     retry_failed: bool = True  # a second pass over failed URLs
-    # auto: img2dataset's Ray distributor when run.ray_address is set, else its multiprocessing one
-    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"
-    job_rows: int = Field(20_000, ge=1)  # manifest rows per img2dataset job (bounds memory and lost work)
+    # Where the per-shard tasks run: auto = the run section's executor (ray: one Ray task per manifest shard;
+    # local: in-process, shard after shard); "local" or "ray" to choose for this stage only.
+    distributor: Literal["auto", "local", "ray"] = "auto"
+    task_timeout: float = Field(3600.0, gt=0)  # seconds per shard task before it is cancelled and run again
+    task_attempts: int = Field(3, ge=1)  # attempts per shard before its rows are committed as task_failed
     user_agent_token: str | None = None  # e.g. "img2dataset", to match X-Robots-Tag directives for a UA
 
 
@@ -79,6 +93,8 @@ class PersonsConfig(_Strict):
     crop_quality: int = Field(95, ge=1, le=100)
     fill: int = Field(255, ge=0, le=255)  # white, matching the download's border padding
     iou: float = Field(0.7, gt=0, le=1)  # NMS IoU (Ultralytics' default, as the official run)
+    # Inference backend (pipeline/inference.py); auto = the fastest installed here. Part of the config hash.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     # Execution only (left out of the output's config hash): None = the `run` section's value.
     num_actors: int | None = Field(None, ge=1)
     actor_cpus: float | None = Field(None, gt=0)
@@ -101,6 +117,9 @@ class FacesConfig(_Strict):
     # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
     # weights for tests and benchmarks.
     embedder_model: str | None = None
+    # Inference backend of the detector and the KP-RPE embedder (pipeline/inference.py); auto = the fastest
+    # installed here (dlib and insightface's ArcFace keep their own runtimes). Part of the config hash.
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     kprpe_size: Literal["base", "tiny"] = "base"
     dlib_shape_predictor: str = "shape_predictor_5_face_landmarks.dat"
     keypoint_conf: float = Field(0.5, ge=0, le=1)  # a body keypoint is visible at this YOLO confidence
@@ -144,6 +163,12 @@ class CleanConfig(_Strict):
     center_weighting: Literal["norm", "mean"] = "norm"
     # DBSCAN runs on sparse neighbour graphs of many names at once; this bounds the pairs per call.
     dbscan_pair_budget: int = Field(4_000_000, ge=1)
+    # A name whose runner-up cluster holds at least this share of the winner's distinct photos yields no
+    # identity (`ambiguous_name`) when top_k_clusters is 1; 1.0 = only exact ties (docs/clean.md).
+    tie_share: float = Field(1.0, gt=0, le=1)
+    # Two faces of one name in different photos are copies of one photo when the perceptual hashes of their
+    # face patches (either orientation) differ in at most this many of 64 bits (pipeline/clean/copies.py).
+    copy_hash_distance: int = Field(12, ge=0, le=64)
 
 
 class BundleConfig(_Strict):
@@ -153,6 +178,10 @@ class BundleConfig(_Strict):
     test_identities: int = Field(4000, ge=0)
     seed: int = 42
     write_face_npy: bool = False
+    # Packing: one task per window of `pack_window` consecutive input shards (samples shuffled across them with
+    # `seed`); each task reads its inputs one parquet row group at a time and asks Ray for `pack_memory_mb`.
+    pack_window: int = Field(16, ge=1)
+    pack_memory_mb: int = Field(1024, ge=64)
     # WebBody-test eligibility (official rule, exclusive bounds): an identity qualifies when the number of its
     # images with the lower body visible AND a partial face lies in (min, max), and its image count too.
     # Small builds lower these.

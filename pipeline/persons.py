@@ -12,8 +12,10 @@ outside the image is filled white like the download's border (not black); crops 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,13 @@ import pyarrow as pa
 
 from pipeline.config import BuildConfig, PersonsConfig
 from pipeline.geometry import Transform, crop_window, crop_with_fill, pad_box
+from pipeline.inference import (
+    CompiledPose,
+    PoseDetections,
+    choose_backend,
+    ultralytics_detections,
+    yolo_pose_onnx,
+)
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.persons import NUM_KEYPOINTS, PERSONS
@@ -55,16 +64,23 @@ def _ultralytics_download(name: str, target_dir: Path) -> Path:
 
 
 def load_pose_model(source: str) -> Any:
-    """An Ultralytics model that predicts 17 COCO keypoints, or a StageError naming the file."""
+    """An Ultralytics model that predicts 17 COCO keypoints, or a StageError naming the file.
+
+    A checkpoint is loaded through Ultralytics' restricted load (`torch.load(weights_only=True)` against its
+    allow-list of known Ultralytics/torch model classes, and model construction without `eval`): a crafted
+    pickle is refused before any of its code runs (tests/test_persons.py). Plain `YOLO(path)` would unpickle
+    the file fully.
+    """
     import torch
     from ultralytics import YOLO
 
     if source.endswith(ARCH_SUFFIXES):
         torch.manual_seed(0)  # a random-initialised model is still the same model on every worker
     try:
-        model = YOLO(source)  # the task comes from the checkpoint or the yaml
-    except Exception as exc:  # noqa: BLE001 - a broken or foreign file must say which file it is
-        raise StageError(f"could not load pose model {source}: {exc}") from exc
+        with restricted_ultralytics_load():
+            model = YOLO(source)  # the task comes from the checkpoint or the yaml
+    except Exception as exc:  # noqa: BLE001 - a broken, foreign or unsafe file must say which file it is
+        raise StageError(f"could not load pose model {source} (weights-only load): {exc}") from exc
     kpt_shape = getattr(model.model, "kpt_shape", None)
     if model.task != "pose" or list(kpt_shape or []) != [NUM_KEYPOINTS, 3]:
         raise StageError(
@@ -72,6 +88,31 @@ def load_pose_model(source: str) -> Any:
             "use e.g. yolov8n-pose.pt or yolo11n-pose.pt"
         )
     return model
+
+
+_SAFE_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def restricted_ultralytics_load():
+    """Within this block, Ultralytics loads checkpoints with its restricted (weights-only) loader.
+
+    Ultralytics reads its `ULTRALYTICS_SAFE_LOAD` switch once, at import, into `ultralytics.nn.tasks.SAFE_LOAD`,
+    which `YOLO(path)` consults; we turn that switch on for our own loads only (other users of Ultralytics in
+    the process keep their setting), under a lock so concurrent loads in one process agree.
+    """
+    from ultralytics.nn import tasks
+
+    if not getattr(tasks, "_SafeLoad", None) or not tasks._SafeLoad.SUPPORTED:
+        raise StageError("this Ultralytics/torch cannot load checkpoints weights-only: need torch >= 2.6 and "
+                         "ultralytics >= 8.4 (its ULTRALYTICS_SAFE_LOAD loader)")
+    with _SAFE_LOAD_LOCK:
+        before = tasks.SAFE_LOAD
+        tasks.SAFE_LOAD = True
+        try:
+            yield
+        finally:
+            tasks.SAFE_LOAD = before
 
 
 def pick_device(device: str) -> str:
@@ -102,11 +143,18 @@ class PersonsStage(ShardStage):
         self.cfg: PersonsConfig = self.config
         # torch intra-op threads for this worker; None = all cores of the machine.
         self.threads = threads or self.cfg.threads or None
-        self.model: Any = None
+        self.model: Any = None  # an Ultralytics YOLO (backend torch) or a CompiledPose
         self.device = "cpu"
+        self.backend = "torch"
 
     def config_hash(self) -> str:
-        return config_hash(self.cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS))
+        # The backend that will run (auto resolved) is part of the hash: backends agree only to float precision.
+        doc = self.cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        doc["backend"] = self.backend_name()
+        return config_hash(doc)
+
+    def backend_name(self) -> str:
+        return choose_backend(self.cfg.backend, gpu=pick_device(self.cfg.device) != "cpu")
 
     # -- model --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -116,20 +164,30 @@ class PersonsStage(ShardStage):
         import torch
 
         self.device = pick_device(self.cfg.device)
-        self.model = load_pose_model(resolve_model(self.cfg.model))
+        self.backend = self.backend_name()
+        source = resolve_model(self.cfg.model)
+        threads = self.threads or (os.cpu_count() or 1)
+        if self.backend == "torch":
+            self.model = load_pose_model(source)
+        else:
+            self.model = CompiledPose(source, self.backend, self.cfg.imgsz, threads=threads,
+                                      gpu=self.device != "cpu")
         # The first predict selects the device, and Ultralytics then sets torch to cores-1 threads (1 on two
-        # cores); warm up first, then set our own thread count.
+        # cores); warm up first, then set our own thread count (torch also runs the compiled backends' NMS).
         self._predict([np.full((64, 64, 3), 255, np.uint8)])
         if self.device == "cpu":
-            torch.set_num_threads(self.threads or (os.cpu_count() or 1))
+            torch.set_num_threads(threads)
 
-    def _predict(self, images: list[np.ndarray]) -> list[Any]:
+    def _predict(self, images: list[np.ndarray]) -> list[PoseDetections]:
         # conf = our threshold: NMS only removes lower-scored boxes, so the persons >= threshold are the same
         # as with the library's 0.25 followed by a filter, and NMS has fewer boxes to sort.
-        return self.model.predict(
+        if self.backend != "torch":
+            return self.model.predict(images, conf=self.cfg.conf_threshold, iou=self.cfg.iou,
+                                      max_det=self.cfg.max_persons)
+        return ultralytics_detections(self.model.predict(
             images, imgsz=self.cfg.imgsz, conf=self.cfg.conf_threshold, iou=self.cfg.iou,
             device=self.device, verbose=False, max_det=self.cfg.max_persons,
-        )
+        ))
 
     # -- rows ---------------------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> BatchResult:
@@ -159,13 +217,11 @@ class PersonsStage(ShardStage):
                 out.extend(persons)
         return BatchResult(PERSONS.from_rows(out), drops)
 
-    def _persons(self, row: dict, img: np.ndarray, result: Any) -> list[dict]:
-        boxes = result.boxes
-        if boxes is None or len(boxes) == 0:
+    def _persons(self, row: dict, img: np.ndarray, result: PoseDetections) -> list[dict]:
+        if len(result.conf) == 0:
             return []
-        xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
-        conf = boxes.conf.cpu().numpy().astype(np.float64)
-        kps = result.keypoints.data.cpu().numpy().astype(np.float64)  # (N, 17, 3): x, y, conf in image px
+        xyxy, conf = result.xyxy, result.conf
+        kps = result.keypoints  # (N, 17, 3): x, y, conf in image px
         order = [int(i) for i in np.argsort(-conf, kind="stable") if conf[i] >= self.cfg.conf_threshold]
         order = order[: self.cfg.max_persons]
         ranked = list(enumerate(order))  # detection_index = rank among the confident persons
@@ -216,6 +272,14 @@ class PersonsStage(ShardStage):
         return buf.tobytes()
 
 
+def export_pose_model(source: str, imgsz: int, backend: str) -> Path:
+    """The compiled graph of a pose model for `backend` (exported once, cached beside the weights)."""
+    from pipeline.inference import openvino_ir
+
+    onnx_path = yolo_pose_onnx(source, imgsz)
+    return openvino_ir(onnx_path) if backend == "openvino" else onnx_path
+
+
 def executor_for(cfg: BuildConfig):
     """The build's executor, with the persons section's actor settings where given."""
     from pipeline.executors import make_executor
@@ -245,7 +309,10 @@ def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool
     # as a StageError before any worker starts (inside a Ray actor it would surface as an opaque ActorDiedError).
     source = resolve_model(cfg.persons.model)
     pick_device(cfg.persons.device)
-    if cfg.run.executor != "local":  # the local executor loads it in this process anyway
-        load_pose_model(source)
     stage = PersonsStage(cfg.persons, threads=threads_per_worker(cfg))
+    backend = stage.backend_name()
+    if backend != "torch":  # export once here, so the workers find the graph cached instead of racing for it
+        export_pose_model(source, cfg.persons.imgsz, backend)
+    elif cfg.run.executor != "local":  # the local executor loads it in this process anyway
+        load_pose_model(source)
     return executor_for(cfg).run(stage, inputs["download"], output, overwrite).stats

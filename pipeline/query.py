@@ -10,10 +10,19 @@ Inputs (config `query.inputs`, any mix, read in order):
 Every input row ends up in the manifest or counted under a reason: `malformed_line`, `missing_field`,
 `not_utf8`, `bad_url` (not http(s) with a host), `duplicate_url` (same URL twice for one identity),
 `optout_name`, `optout_domain`, `name_cap`, and for captions `no_match`. Sample ids are a hash of
-(label, url), so the same input always gives the same ids, and rows keep input order across shards.
+(label, url), so the same input always gives the same ids.
 
-The stage is global (duplicates are found across the whole input), small and fast; a re-run with the same
-config on a finished output returns its stats, otherwise every shard is rewritten.
+Shards are NAME-ALIGNED: all URLs of one label are in one shard (names packed greedily, in order of first
+appearance, into shards of at most `shard_size` rows; rows of a name keep input order). A name with more
+than `shard_size` URLs gets shards of its own (consecutive ids, each holding only that name; their stats
+name it under `split_label`). Later stages keep shard ids, so per-name steps can run shard by shard.
+
+On the contract (pipeline/stage.py) the query is a `PlannedStage`: `plan()` is the global pass (duplicates
+and caps are found across the whole input), reading input files in parallel as Ray tasks when Ray runs
+(one task per file, merged in file order, so the result does not depend on it); each unit is one manifest
+shard, committed by the executor. The plan is held by the stage object in the driver, so the query runs on
+the in-process executor. A re-run with the same config and inputs on a finished output returns its stats
+without reading the inputs again; another config is refused (or, with overwrite, every shard rewritten).
 """
 
 from __future__ import annotations
@@ -23,21 +32,30 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import BuildConfig, QueryConfig, QueryInput
-from pipeline.rollup import write_rollup
-from pipeline.shards import DatasetDir, atomic_write_json, format_shard_id
-from pipeline.stage import StageError, config_hash
+from pipeline.shards import format_shard_id
+from pipeline.stage import (
+    FinishResult,
+    PlanContext,
+    PlannedStage,
+    StageError,
+    UnitContext,
+    UnitResult,
+    WorkUnit,
+)
+from pipeline.stage import config_hash as _config_hash
 from schemas.tables import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -102,10 +120,9 @@ def load_list(value: list[str] | str | None) -> list[str]:
         return []
     if isinstance(value, list):
         return [v.strip() for v in value if v.strip()]
-    p = Path(value)
-    if not p.exists():
-        raise StageError(f"list file {p} not found (give a list in the config, or an existing file)")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    if not storage.exists(value):
+        raise StageError(f"list file {value} not found (give a list in the config, or an existing file)")
+    lines = storage.get_bytes(value).decode("utf-8").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -119,8 +136,8 @@ def _decode(raw: bytes) -> str | None:
         return None
 
 
-def read_url_lst(path: Path) -> Iterator[Candidate | str]:
-    with open(path, "rb") as fh:
+def read_url_lst(path: str | Path) -> Iterator[Candidate | str]:
+    with storage.open_read(path) as fh:
         for lineno, raw in enumerate(fh, 1):
             line = _decode(raw.rstrip(b"\r\n"))
             if line is None:
@@ -137,11 +154,15 @@ def read_url_lst(path: Path) -> Iterator[Candidate | str]:
             yield Candidate(label=label, name=label, url=url, source_idx=idx)
 
 
-def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
+def _suffix(path: str | Path) -> str:
+    return PurePosixPath(os.fspath(path)).suffix.lower()
+
+
+def _iter_records(path: str | Path, columns: list[str]) -> Iterator[dict | str]:
     """Rows of a CSV/TSV/JSONL/parquet file as dicts of str (only `columns`), or a skip reason."""
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix == ".parquet":
-        pf = pq.ParquetFile(path)
+        pf = storage.parquet_file(path)
         cols = [c for c in columns if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(columns=cols, batch_size=65_536):
             data = batch.to_pydict()
@@ -157,7 +178,7 @@ def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
                     row[c] = None if v is None else str(v)
                 yield row.get("__skip__") or row
     elif suffix in (".csv", ".tsv"):
-        with open(path, "rb") as fh:
+        with storage.open_read(path) as fh:
             # surrogateescape keeps invalid bytes visible as lone surrogates, so a bad row is found and skipped
             # instead of failing the whole file
             text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
@@ -169,7 +190,7 @@ def _iter_records(path: Path, columns: list[str]) -> Iterator[dict | str]:
                     continue
                 yield vals
     elif suffix in (".jsonl", ".json"):
-        with open(path, "rb") as fh:
+        with storage.open_read(path) as fh:
             for raw in fh:
                 line = _decode(raw)
                 if line is None:
@@ -194,7 +215,7 @@ def _has_surrogate(s: str) -> bool:
     return any("\udc80" <= c <= "\udcff" for c in s)
 
 
-def read_table(path: Path) -> Iterator[Candidate | str]:
+def read_table(path: str | Path) -> Iterator[Candidate | str]:
     for rec in _iter_records(path, ["name", "label", "url", "idx"]):
         if isinstance(rec, str):
             yield rec
@@ -234,7 +255,7 @@ class NameIndex:
         return found
 
 
-def read_captions(path: Path, index: NameIndex) -> Iterator[Candidate | str]:
+def read_captions(path: str | Path, index: NameIndex) -> Iterator[Candidate | str]:
     for rec in _iter_records(path, ["url", "caption"]):
         if isinstance(rec, str):
             yield rec
@@ -251,60 +272,71 @@ def read_captions(path: Path, index: NameIndex) -> Iterator[Candidate | str]:
             yield Candidate(label=derived_label(name), name=name, url=url)
 
 
-def input_files(path: str) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
-        if not files:
-            raise StageError(f"query input directory {p} holds no files")
-        return files
-    if not p.exists():
-        raise StageError(f"query input {p} not found")
-    return [p]
+def input_files(path: str) -> list[str]:
+    """The files of one input: the path itself, or the files of a folder / prefix (hidden and `_` ones
+    skipped), sorted. Local paths and storage URIs (`s3://bucket/urls/`) alike."""
+    if storage.is_local(path):
+        p = storage.local_path(path)
+        if p.is_dir():
+            files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_")))
+            if not files:
+                raise StageError(f"query input directory {p} holds no files")
+            return files
+        if not p.exists():
+            raise StageError(f"query input {p} not found")
+        return [str(p)]
+    listing = storage.list_dir(path)
+    names = sorted(n for n in listing if not n.startswith((".", "_")))
+    if names:
+        return [storage.join(path, n) for n in names]
+    if storage.exists(path):
+        return [path]
+    raise StageError(f"query input {path} not found (or an empty prefix)")
 
 
-def detect_format(inp: QueryInput, path: Path) -> str:
+def detect_format(inp: QueryInput, path: str | Path) -> str:
     if inp.format != "auto":
         return inp.format
     if inp.names is not None:
         return "captions"
-    if path.suffix.lower() in TABLE_SUFFIXES:
+    if _suffix(path) in TABLE_SUFFIXES:
         return "table"
     return "url_lst"
+
+
+def iter_file(inp: QueryInput, path: str | Path, index: NameIndex | None) -> Iterator[Candidate | str]:
+    fmt = detect_format(inp, path)
+    if fmt == "url_lst":
+        yield from read_url_lst(path)
+    elif fmt == "table":
+        yield from read_table(path)
+    else:
+        if index is None:
+            raise StageError(f"query input {inp.path}: format 'captions' needs `names` (a list or a file)")
+        yield from read_captions(path, index)
 
 
 def iter_input(inp: QueryInput) -> Iterator[Candidate | str]:
     index = NameIndex(load_list(inp.names)) if inp.names is not None else None
     for path in input_files(inp.path):
-        fmt = detect_format(inp, path)
-        if fmt == "url_lst":
-            yield from read_url_lst(path)
-        elif fmt == "table":
-            yield from read_table(path)
-        else:
-            if index is None:
-                raise StageError(f"query input {inp.path}: format 'captions' needs `names` (a list or a file)")
-            yield from read_captions(path, index)
+        yield from iter_file(inp, path, index)
 
 
 # -- the stage -------------------------------------------------------------------------------------------
 
 
 class ManifestBuilder:
-    """Applies URL checks, per-name de-duplication, opt-outs and caps; writes fixed-size shards."""
+    """Applies URL checks, per-name de-duplication, opt-outs and caps; packs names into shards."""
 
-    def __init__(self, cfg: QueryConfig, out: DatasetDir):
+    def __init__(self, cfg: QueryConfig):
         self.cfg = cfg
-        self.out = out
         self.optout_names = {fold(n).strip() for n in load_list(cfg.optout_names)}
         self.optout_domains = {d.lower().lstrip(".").rstrip(".") for d in load_list(cfg.optout_domains)}
         # 8-byte digests of (label, url): memory ~ 100 B per unique row (see docs/download.md for scale)
         self.seen: set[bytes] = set()
-        self.per_label: Counter = Counter()
+        self.by_label: dict[str, list[dict]] = {}  # insertion order = first appearance of the name
         self.drops: Counter = Counter()
         self.rows_in = 0
-        self.buffer: list[dict] = []
-        self.shard_ids: list[str] = []
 
     def domain_opted_out(self, url: str) -> bool:
         host = host_of(url)
@@ -330,106 +362,193 @@ class ManifestBuilder:
         if key in self.seen:
             self.drops["duplicate_url"] += 1
             return
-        if cap is not None and self.per_label[item.label] >= cap:
+        rows = self.by_label.setdefault(item.label, [])
+        if cap is not None and len(rows) >= cap:
             self.drops["name_cap"] += 1
             return
         self.seen.add(key)
-        self.per_label[item.label] += 1
-        self.buffer.append(
-            {
-                "sample_id": sample_id(item.label, item.url),
-                "label": item.label,
-                "name": item.name,
-                "url": item.url,
-                "source_idx": item.source_idx,
-            }
-        )
-        if len(self.buffer) >= self.cfg.shard_size:
-            self.flush()
+        rows.append({
+            "sample_id": sample_id(item.label, item.url),
+            "label": item.label,
+            "name": item.name,
+            "url": item.url,
+            "source_idx": item.source_idx,
+        })
 
-    def flush(self) -> None:
-        if not self.buffer and self.shard_ids:
-            return
-        sid = format_shard_id(len(self.shard_ids))
-        table = MANIFEST.from_rows(self.buffer)
-        n = table.num_rows
-        stats = {"stage": STAGE, "shard": sid, "rows_in": n, "rows_out": n, "drops": {}, "seconds": 0.0}
-        self.out.commit_shard(sid, table, stats)
-        self.shard_ids.append(sid)
-        self.buffer = []
+    @property
+    def rows_out(self) -> int:
+        return sum(len(r) for r in self.by_label.values())
+
+    def pack(self) -> list[tuple[list[dict], str | None]]:
+        """Name-aligned shards: (rows, split_label) in shard order; split_label names a name too big for one."""
+        size = self.cfg.shard_size
+        shards: list[tuple[list[dict], str | None]] = []
+        cur: list[dict] = []
+        for label, rows in self.by_label.items():
+            if not rows:
+                continue
+            if len(rows) > size:
+                if cur:
+                    shards.append((cur, None))
+                    cur = []
+                shards += [(rows[i:i + size], label) for i in range(0, len(rows), size)]
+                continue
+            if cur and len(cur) + len(rows) > size:
+                shards.append((cur, None))
+                cur = []
+            cur = cur + rows if cur else list(rows)
+        if cur or not shards:
+            shards.append((cur, None))  # the last partial shard (or one empty shard for an empty result)
+        return shards
 
 
 def input_fingerprint(cfg: QueryConfig) -> list[list]:
-    """(path, size, mtime) of every input and list file: an edited input makes the output stale."""
+    """(path, size, mtime) of every input and list file: an edited input makes the output stale.
+    (On object stores: size only, from one listing per input prefix.)"""
     paths: list[str] = []
     for inp in cfg.inputs:
-        p = Path(inp.path)
-        paths += [str(f) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+        try:
+            paths += input_files(inp.path)
+        except StageError:
+            paths.append(inp.path)  # missing: reported by the reader with a clear error
         if isinstance(inp.names, str):
             paths.append(inp.names)
     paths += [v for v in (cfg.optout_names, cfg.optout_domains) if isinstance(v, str)]
     out = []
     for f in paths:
         try:
-            st = Path(f).stat()
-            out.append([f, st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append([f, None, None])  # missing: reported by the reader with a clear error
+            if storage.is_local(f):
+                st = Path(f).stat()
+                out.append([f, st.st_size, st.st_mtime_ns])
+            else:
+                out.append([f, storage.size(f), None])
+        except (OSError, StageError):
+            out.append([f, None, None])
     return out
 
 
-def build_manifest(cfg: QueryConfig, output: Path, overwrite: bool = False) -> dict:
-    """Write the manifest of `cfg.inputs` into `output`; returns the roll-up stats."""
+def _read_file(inp: QueryInput, path: str) -> pa.Table:
+    """One input file's candidates and skips as a table (what a parallel read task returns)."""
+    index = NameIndex(load_list(inp.names)) if inp.names is not None else None
+    cols: dict[str, list] = {"label": [], "name": [], "url": [], "source_idx": [], "skip": []}
+    for item in iter_file(inp, path, index):
+        if isinstance(item, str):
+            vals = [None, None, None, None, item]
+        else:
+            vals = [item.label, item.name, item.url, item.source_idx, None]
+        for c, v in zip(cols, vals, strict=True):
+            cols[c].append(v)
+    return pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
+
+
+def _items(t: pa.Table) -> Iterator[Candidate | str]:
+    d = t.to_pydict()
+    for label, name, url, idx, skip in zip(d["label"], d["name"], d["url"], d["source_idx"], d["skip"], strict=True):
+        yield skip if skip is not None else Candidate(label=label, name=name, url=url, source_idx=idx)
+
+
+def iter_all(cfg: QueryConfig, parallel: bool = False) -> Iterator[tuple[QueryInput, Candidate | str]]:
+    """Every input row of every input, in order. `parallel`: files read as Ray tasks (Ray must be running)."""
+    files = [(inp, str(p)) for inp in cfg.inputs for p in input_files(inp.path)]
+    for inp, p in files:
+        if detect_format(inp, p) == "captions" and inp.names is None:
+            raise StageError(f"query input {inp.path}: format 'captions' needs `names` (a list or a file)")
+    if not parallel or len(files) < 2:
+        for inp, p in files:
+            for item in iter_file(inp, p, NameIndex(load_list(inp.names)) if inp.names is not None else None):
+                yield inp, item
+        return
+    import ray
+
+    read = ray.remote(num_cpus=1, max_retries=2)(_read_file)
+    refs = [read.remote(inp, p) for inp, p in files]
+    for (inp, _p), ref in zip(files, refs, strict=True):  # merged in file order: same result as serial
+        table = ray.get(ref)
+        yield from ((inp, item) for item in _items(table))
+
+
+class QueryStage(PlannedStage):
+    """The query on the contract: a global plan, one unit per name-aligned manifest shard."""
+
+    name = STAGE
+    output_schema = MANIFEST
+    sort_keys = ()  # rows keep the plan's order: names by first appearance, each name's rows in input order
+
+    def __init__(self, config: QueryConfig, parallel: bool = False):
+        super().__init__(config)
+        self.parallel = parallel
+        self._shards: list[tuple[list[dict], str | None]] | None = None
+        self._identities = 0
+
+    def __getstate__(self) -> dict:
+        raise StageError("the query stage holds its plan in the driver: run it on the local executor")
+
+    def config_hash(self) -> str:
+        cfg: QueryConfig = self.config
+        return _config_hash({"config": cfg.model_dump(mode="json"), "files": input_fingerprint(cfg)})
+
+    def input_hash(self, ctx: PlanContext) -> str | None:
+        return None  # the input files are in config_hash (paths, sizes, times)
+
+    def plan(self, ctx: PlanContext) -> list[WorkUnit]:
+        cfg: QueryConfig = self.config
+        builder = ManifestBuilder(cfg)
+        for inp, item in iter_all(cfg, parallel=self.parallel):
+            builder.add(item, inp.per_name_cap or cfg.per_name_cap)
+        self._shards = builder.pack()
+        self._identities = sum(1 for rows in builder.by_label.values() if rows)
+        units = []
+        for i, (rows, split) in enumerate(self._shards):
+            payload: dict = {"index": i, "rows": len(rows)}
+            if split is not None:
+                payload["split_label"] = split
+            if i == 0:
+                # Input-level counts (rows read, drop reasons) belong to no single shard: shard 0 carries them,
+                # so the roll-up (a plain sum) reports them.
+                payload["input_rows"] = builder.rows_in - builder.rows_out
+                payload["input_drops"] = dict(sorted(builder.drops.items()))
+            units.append(WorkUnit(format_shard_id(i), payload))
+        return units
+
+    def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+        if self._shards is None:
+            raise StageError("query units run in the process that planned them (the local executor)")
+        rows, split = self._shards[int(unit.payload["index"])]
+        table = MANIFEST.from_rows(rows)
+        extra = {"split_label": split} if split is not None else {}
+        return UnitResult(table, rows_in=len(rows) + int(unit.payload.get("input_rows", 0)),
+                          drops=Counter(unit.payload.get("input_drops", {})), extra_stats=extra)
+
+    def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
+        # A short-circuited re-run (finished output) never planned: keep the identities already recorded.
+        if self._shards is None:
+            return FinishResult()
+        split = sorted({lab for _, lab in self._shards if lab is not None})
+        return FinishResult(stats={"identities": self._identities, "split_names": len(split)})
+
+
+def build_manifest(cfg: QueryConfig, output: str | os.PathLike, overwrite: bool = False,
+                   parallel: bool = False) -> dict:
+    """Write the manifest of `cfg.inputs` into `output` (a path or URI); returns the roll-up stats."""
+    from pipeline.executors import LocalExecutor
+
     if not cfg.inputs:
         raise StageError("query: no inputs configured (set query.inputs: [{path: url.lst}, ...])")
-    out = DatasetDir(output)
-    meta = {"stage": STAGE, "config_hash": config_hash({"config": cfg.model_dump(mode="json"),
-                                                        "files": input_fingerprint(cfg)})}
-    meta_path = out.root / "_stage.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old == meta and out.complete() and not overwrite:
-            return json.loads((out.root / "stats.json").read_text())
-        if old != meta and not overwrite:
-            raise StageError(
-                f"{out.root} holds '{old.get('stage')}' output made with config {old.get('config_hash')}, "
-                f"this run is '{STAGE}' with config {meta['config_hash']} (the hash covers the settings and the "
-                "input files' sizes and times): use a new output directory or --overwrite"
-            )
-    out.root.mkdir(parents=True, exist_ok=True)
-    out.clean_temporaries()
-    (out.root / "stats.json").unlink(missing_ok=True)
-    for sid in out.shard_ids():  # the query is global: a re-run rewrites every shard
-        out.marker(sid).unlink(missing_ok=True)
-        out.parquet(sid).unlink(missing_ok=True)
-        out.stats_path(sid).unlink(missing_ok=True)
-    atomic_write_json(meta_path, meta)
-
-    builder = ManifestBuilder(cfg, out)
-    for inp in cfg.inputs:
-        cap = inp.per_name_cap or cfg.per_name_cap
-        for item in iter_input(inp):
-            builder.add(item, cap)
-    builder.flush()  # the last partial shard (or one empty shard for an empty result)
-
-    # Input-level counts (rows read, drop reasons) belong to no single shard: put them on shard 0's stats
-    # so the roll-up (a plain sum) reports them.
-    first = builder.shard_ids[0]
-    st = out.shard_stats(first)
-    st["rows_in"] += builder.rows_in - sum(out.num_rows(s) for s in builder.shard_ids)
-    st["drops"] = dict(sorted(builder.drops.items()))
-    out.commit_shard(first, out.read_shard(first), st)
-    stats = write_rollup(out, STAGE, builder.shard_ids)
-    stats["identities"] = len(builder.per_label)
-    atomic_write_json(out.root / "stats.json", stats)
-    log.info("query: %d rows in, %d manifest rows, %d identities, drops %s",
-             stats["rows_in"], stats["rows_out"], stats["identities"], stats["drops"])
+    stats = LocalExecutor().run(QueryStage(cfg, parallel=parallel), None, output, overwrite=overwrite).stats
+    log.info("query: %d rows in, %d manifest rows, %s identities, drops %s",
+             stats["rows_in"], stats["rows_out"], stats.get("identities"), stats["drops"])
     return stats
 
 
-def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
-    """Registry entry point (the query stage reads config inputs, not an earlier stage)."""
-    return build_manifest(cfg.query, Path(output), overwrite=overwrite)
+def run(cfg: BuildConfig, inputs: dict, output: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Registry entry point (the query stage reads config inputs, not an earlier stage). On a Ray build the
+    input files are read in parallel as Ray tasks."""
+    parallel = cfg.run.executor == "ray" and sum(len(input_files(i.path)) for i in cfg.query.inputs) > 1
+    if parallel:
+        from pipeline.runtime import init_ray
+
+        init_ray(cfg.run.ray_address)
+    return build_manifest(cfg.query, output, overwrite=overwrite, parallel=parallel)
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:

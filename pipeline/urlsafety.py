@@ -4,7 +4,7 @@ A scraped URL list is untrusted input: a URL naming `http://169.254.169.254/` (c
 `192.168.0.1` or a service on `localhost` must not be fetched by a build machine. The check runs twice:
 
 1. `check_url` (before download): scheme, host, and every address the host resolves to.
-2. `install_guarded_opener()` (inside each img2dataset download process): urllib's global opener is
+2. `install_guarded_opener()` (in each process that runs download tasks): urllib's global opener is
    replaced by one that repeats the check on every request it opens, redirects included, and connects only
    to the address it vetted, so a DNS answer that changes between the check and the connect (rebinding)
    cannot slip through. Only http and https handlers are installed: `file://`, `ftp://` and `data:` URLs

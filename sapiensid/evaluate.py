@@ -4,6 +4,10 @@ face verification (10-fold accuracy on insightface `.bin` sets) and the WebBody-
 Embeddings use horizontal-flip TTA: ``normalize(f(x) + f(flip x))``. Each image is embedded independently of its
 batch neighbours (the model masks padding tokens). Results are written as JSON and as a markdown table.
 
+Memory: WebBody shards are embedded while they stream (decode -> prepare -> embed one batch at a time); only the
+features and a few metadata fields per sample stay, never the decoded images, so memory does not grow with the
+test set beyond N x D floats (``benchmarks/eval_memory.py``). Folder sets are read lazily by path, the same way.
+
 Keypoints: shard samples carry theirs. Folder datasets have none unless a ``keypoint_fn(image) -> (22, 2)``
 pixel-keypoint function is given (the flows pass the pipeline's pose + face detectors when available); without
 keypoints the model sees only whole-image tokens.
@@ -25,9 +29,10 @@ import torch
 from torch import nn
 
 from sapiensid.data import expand_urls, foreground_mask_white, normalise_keypoints, square_pad_resize
+from sapiensid.data.shards import SkipCounter, iter_decoded
 from sapiensid.metrics import ReIDSet, evaluate_reid
 from sapiensid.model import embed_with_flip
-from sapiensid.reid_datasets import LOADERS, EvalItem, ReIDSplit, split_webbody_shards
+from sapiensid.reid_datasets import LOADERS, EvalItem, ReIDSplit, webbody_query_gallery
 from sapiensid.verification import face_to_body_input, load_bin, pair_distances, ten_fold_accuracy
 
 log = logging.getLogger(__name__)
@@ -113,13 +118,18 @@ def _reid_set(items: list[EvalItem], feats: np.ndarray) -> ReIDSet:
                    np.array([it.item_id for it in items]))
 
 
+def _block(n_gallery: int) -> int:
+    """Queries per similarity block, so one block (and its argsort) stays ~64 MB whatever the gallery size."""
+    return max(1, min(1024, (16 << 20) // max(1, n_gallery)))
+
+
 def evaluate_split(model: nn.Module, split: ReIDSplit, device: torch.device, batch_size: int = 32,
                    flip: bool = True, keypoint_fn: KeypointFn | None = None) -> dict[str, Any]:
     t0 = time.time()
     qf = embed_items(model, split.query, device, batch_size, flip, keypoint_fn)
     gf = embed_items(model, split.gallery, device, batch_size, flip, keypoint_fn)
     q, g = _reid_set(split.query, qf), _reid_set(split.gallery, gf)
-    res: dict[str, Any] = {p: evaluate_reid(q, g, p) for p in split.protocols}
+    res: dict[str, Any] = {p: evaluate_reid(q, g, p, block=_block(len(g.features))) for p in split.protocols}
     res["num_query_images"], res["num_gallery_images"] = len(split.query), len(split.gallery)
     res["seconds"] = round(time.time() - t0, 2)
     res.update(split.notes)
@@ -143,9 +153,55 @@ def evaluate_verification(model: nn.Module, path: str | Path, device: torch.devi
     return {"verification": ten_fold_accuracy(pair_distances(emb), issame)}
 
 
+def embed_shard_stream(model: nn.Module, urls: list[str], device: torch.device, batch_size: int = 32,
+                       flip: bool = True) -> tuple[np.ndarray, dict[str, list], SkipCounter]:
+    """Embed every decodable sample of `urls` (any URL `sapiensid.data` opens: local, s3://, pipe:, ...) as it
+    streams. Returns (features (N, D), per-sample labels / keys / roles, skips); no image outlives its batch."""
+    size = model.config.input_size  # type: ignore[union-attr]
+    skips = SkipCounter()
+    meta: dict[str, list] = {"labels": [], "keys": [], "roles": []}
+
+    def batches():
+        chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for s in iter_decoded(urls, skips):
+            chunk.append(prepare_input(s.image, s.points, size))  # the decoded image is dropped here
+            meta["labels"].append(s.label)
+            meta["keys"].append(s.meta["key"])
+            meta["roles"].append(s.meta.get("role"))
+            if len(chunk) == batch_size:
+                yield tuple(np.stack(a) for a in zip(*chunk))
+                chunk = []
+        if chunk:
+            yield tuple(np.stack(a) for a in zip(*chunk))
+
+    return embed_arrays(model, batches(), device, flip), meta, skips
+
+
+def evaluate_webbody_shards(model: nn.Module, urls: list[str], device: torch.device, batch_size: int = 32,
+                            flip: bool = True) -> dict[str, Any]:
+    """ReID on WebBody-test shards, streamed (see the module docstring): features only, then query/gallery."""
+    t0 = time.time()
+    feats, meta, skips = embed_shard_stream(model, urls, device, batch_size, flip)
+    roles = webbody_query_gallery(meta["labels"], meta["keys"], meta["roles"])
+    labels, keys = np.array(meta["labels"], np.int64), np.array(meta["keys"], dtype=object)
+
+    def subset(idx: list[int]) -> ReIDSet:
+        ix = np.array(idx, np.int64)
+        return ReIDSet(feats[ix], labels[ix], np.full(len(ix), -1), None, keys[ix])
+
+    q, g = subset(roles.query), subset(roles.gallery)
+    res: dict[str, Any] = {"general": evaluate_reid(q, g, "general", block=_block(len(roles.gallery)))}
+    res["num_query_images"], res["num_gallery_images"] = len(roles.query), len(roles.gallery)
+    res["seconds"] = round(time.time() - t0, 2)
+    res.update({"skipped_samples": skips.total, **roles.notes})
+    return res
+
+
 def load_dataset(spec: DatasetSpec) -> list[ReIDSplit]:
+    """Folder datasets as query/gallery item lists (images read lazily by path). WebBody shards are not loaded
+    as a list: `evaluate_model` streams them (`evaluate_webbody_shards`)."""
     if spec.kind == "webbody_shards":
-        return split_webbody_shards(expand_urls(spec.path, split=spec.split), spec.name)
+        raise ValueError("webbody_shards are streamed, not loaded: use evaluate_model / evaluate_webbody_shards")
     if spec.kind in LOADERS:
         splits = LOADERS[spec.kind](spec.path)  # type: ignore[arg-type]
         if len(splits) == 1:
@@ -162,6 +218,10 @@ def evaluate_model(model: nn.Module, datasets: Sequence[DatasetSpec], device: to
     for spec in datasets:
         if spec.kind == "verification_bin":
             results[spec.name] = evaluate_verification(model, spec.path, device, batch_size, flip)  # type: ignore[arg-type]
+            continue
+        if spec.kind == "webbody_shards":
+            urls = expand_urls(spec.path, split=spec.split)
+            results[spec.name] = evaluate_webbody_shards(model, urls, device, batch_size, flip)
             continue
         for split in load_dataset(spec):
             results[split.name] = evaluate_split(model, split, device, batch_size, flip, keypoint_fn)

@@ -10,7 +10,8 @@ Layouts (as distributed by their authors):
   Protocols: general, same-clothes, clothes-changing.
 - PRCC: ``rgb/test/{A,B,C}/<pid>/*.jpg``; gallery = camera A, same-clothes queries = camera B, clothes-changing
   queries = camera C (each evaluated with the general rule; cameras always differ).
-- WebBody shards (``split`` test): the bundle marks each test sample's ``role`` (query / gallery) in its record;
+- WebBody shards (``split`` test, streamed by ``sapiensid.evaluate``: embedded as they are read, only features
+  kept): the bundle marks each test sample's ``role`` (query / gallery) in its record;
   records without a role fall back to: per identity, the image whose key hash is smallest is the query and the
   rest form the gallery. Cameras are unknown (-1), so every other image of the identity is a good match.
 """
@@ -121,34 +122,37 @@ def load_prcc(root: str | Path) -> list[ReIDSplit]:
     ]
 
 
-def split_webbody_shards(urls: list[str], name: str = "webbody_test") -> list[ReIDSplit]:
-    """Query/gallery from decoded shard samples: one query per identity with >= 2 images."""
-    from sapiensid.data import SkipCounter, iter_decoded
+@dataclass
+class WebBodyRoles:
+    """Query / gallery positions of a streamed WebBody-test set (indices into the streamed order)."""
 
-    skips = SkipCounter()
-    by_label: dict[int, list[EvalItem]] = defaultdict(list)
-    roles: dict[str, str] = {}
-    for s in iter_decoded(urls, skips):
-        key = s.meta["key"]
-        if s.meta.get("role") in ("query", "gallery"):
-            roles[key] = s.meta["role"]
-        by_label[s.label].append(EvalItem(s.label, -1, item_id=key, image=s.image, points=s.points))
-    query, gallery = [], []
+    query: list[int]
+    gallery: list[int]
+    notes: dict = field(default_factory=dict)
+
+
+def webbody_query_gallery(labels: list[int], keys: list[str], roles: list[str | None]) -> WebBodyRoles:
+    """Query/gallery from the shard records' metadata only (no images): the bundle's `role` where an identity
+    has one, else one query per identity with >= 2 images (smallest key hash) and the rest gallery."""
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_label[label].append(i)
+    query: list[int] = []
+    gallery: list[int] = []
     singletons = 0
     for label in sorted(by_label):
-        items = sorted(by_label[label], key=lambda it: hashlib.sha256(it.item_id.encode()).hexdigest())
-        if any(roles.get(it.item_id) for it in items):
-            query.extend(it for it in items if roles.get(it.item_id) == "query")
-            gallery.extend(it for it in items if roles.get(it.item_id) != "query")
+        idx = sorted(by_label[label], key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+        if any(roles[i] in ("query", "gallery") for i in idx):
+            query.extend(i for i in idx if roles[i] == "query")
+            gallery.extend(i for i in idx if roles[i] != "query")
             continue
-        if len(items) < 2:
+        if len(idx) < 2:
             singletons += 1
-            gallery.extend(items)  # still a distractor for everyone else
+            gallery.extend(idx)  # still a distractor for everyone else
             continue
-        query.append(items[0])
-        gallery.extend(items[1:])
-    notes = {"skipped_samples": skips.total, "identities_without_pair": singletons}
-    return [ReIDSplit(name, query, gallery, ("general",), notes)]
+        query.append(idx[0])
+        gallery.extend(idx[1:])
+    return WebBodyRoles(query, gallery, {"identities_without_pair": singletons})
 
 
 LOADERS = {

@@ -183,6 +183,24 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def finished_checkpoints(root: Path) -> list[Path]:
+    """``step_*`` folders under `root` that carry ``DONE`` (fully written), oldest first."""
+    return sorted(p.parent for p in root.glob("step_*/DONE")) if root.exists() else []
+
+
+def commit_checkpoint(tmp: Path, root: Path, step: int, keep: int) -> Path:
+    """Finish a checkpoint written into `tmp`: ``DONE`` last, atomic rename to ``step_<n>``, keep the newest
+    `keep` finished ones. A crash before the rename leaves only a ``.tmp_*`` folder that resume ignores."""
+    final = root / f"step_{step:08d}"
+    (tmp / "DONE").write_text(json.dumps({"step": step, "time": time.time()}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in finished_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -228,8 +246,7 @@ class Trainer:
         return self.out / CHECKPOINT_DIR
 
     def latest_checkpoint(self) -> Path | None:
-        root = self._ckpt_root()
-        done = sorted(p.parent for p in root.glob("step_*/DONE")) if root.exists() else []
+        done = finished_checkpoints(self._ckpt_root())
         return done[-1] if done else None
 
     def save(self) -> Path:
@@ -268,13 +285,7 @@ class Trainer:
         )
         self._barrier()
         if self.rank == 0:
-            (tmp / "DONE").write_text(json.dumps({"step": self.step, "time": time.time()}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            kept = sorted(p.parent for p in root.glob("step_*/DONE"))
-            for old in kept[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            commit_checkpoint(tmp, root, self.step, self.cfg.keep_checkpoints)
         self._barrier()
         return final
 
@@ -386,7 +397,7 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     """A SapiensID model from a training checkpoint directory (step_*/ or a run dir: its latest) or model.pt."""
     path = Path(checkpoint)
     if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
-        done = sorted(p.parent for p in (path / CHECKPOINT_DIR).glob("step_*/DONE"))
+        done = finished_checkpoints(path / CHECKPOINT_DIR)
         if not done:
             raise FileNotFoundError(f"no finished checkpoint under {path / CHECKPOINT_DIR}")
         path = done[-1]

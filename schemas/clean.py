@@ -2,8 +2,9 @@
 
 The selection has one row per faces row, in the faces shard the row came from: either kept with its new
 identity, or dropped with a reason code (`dbscan_noise`, `not_largest_cluster`, `same_photo`,
-`low_face_score`, `ambiguous_identity`, `near_duplicate`, `val_overlap:<set>`, `too_few_images`,
-`bad_feature`). Bundle joins it back to persons/faces per shard by `person_id`.
+`low_face_score`, `ambiguous_name`, `ambiguous_identity`, `near_duplicate`, `val_overlap:<set>`, `too_few_images`,
+`bad_feature`); a `near_duplicate` row that copies another photo names the row it copies
+(`duplicate_of`). Bundle joins it back to persons/faces per shard by `person_id`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from schemas.base import TableSchema, register
 CLEAN = register(
     TableSchema(
         name="clean",
-        version=1,
+        version=2,
         schema=pa.schema(
             [
                 pa.field("person_id", pa.string(), nullable=False),
@@ -26,6 +27,7 @@ CLEAN = register(
                 pa.field("identity", pa.string()),  # new identity id; null when dropped
                 pa.field("kept", pa.bool_(), nullable=False),
                 pa.field("reason", pa.string()),  # null when kept, else a reason code
+                pa.field("duplicate_of", pa.string()),  # person_id of the kept copy, for copies of a photo
             ]
         ),
     )

@@ -132,3 +132,68 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+# -- an S3 server on loopback (moto in server mode) ---------------------------------------------------------
+
+S3_ENV = {
+    # Dummy credentials and the standard endpoint variable: botocore (inside s3fs and boto3) reads them, as
+    # it would read a user's; nothing in a config names them.
+    "AWS_ACCESS_KEY_ID": "webbody-test-key",
+    "AWS_SECRET_ACCESS_KEY": "webbody-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never probe the instance-metadata address for credentials
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_environment(port: int) -> dict[str, str]:
+    return {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+
+
+@contextmanager
+def moto_s3(port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """Run moto's S3 server (`python -m moto.server`) on 127.0.0.1:<port> in a child process; yields the
+    endpoint URL. The caller points AWS_ENDPOINT_URL at it (see `s3_environment`)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = port or free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto S3 server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def make_bucket(name: str) -> str:
+    """Create a bucket on the configured endpoint (through s3fs, as users' code would); returns `s3://name`."""
+    from pipeline import storage
+
+    fs = storage.filesystem("s3")
+    fs.mkdir(name)
+    return f"s3://{name}"

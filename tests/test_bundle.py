@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tarfile
 from collections import defaultdict
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -117,6 +119,52 @@ def test_deterministic_bytes_and_resume(built, tmp_path):
     assert victim.read_bytes() == (root / "bundle" / victim.name).read_bytes()
     assert keep.stat().st_mtime_ns == before
     assert verify_bundle(other) == []
+
+
+def test_bundle_shards_mix_input_shards(built):
+    """Samples are shuffled across the input shards of a window (here all 3), not packed shard by shard."""
+    root, inputs, _ = built
+    in_shard = {r["person_id"]: sid for sid, t in DatasetDir(inputs["clean"]).iter_tables(["person_id"])
+                for r in t.to_pylist()}
+    per_shard = defaultdict(set)
+    for r in _index(root):
+        per_shard[r["shard"]].add(in_shard[r["person_id"]])
+    train = [v for k, v in per_shard.items() if "train" in k]
+    assert all(len(v) >= 2 for v in train), per_shard
+
+
+def _rewrite_with_row_groups(src: Path, dst: Path, rows_per_group: int) -> None:
+    """Copy a stage folder, rewriting each shard with small row groups (and a marker that matches)."""
+    from pipeline.shards import file_sha256
+
+    shutil.copytree(src, dst)
+    d = DatasetDir(dst)
+    for sid in d.shard_ids():
+        pq.write_table(pq.read_table(d.parquet(sid)), d.parquet(sid), row_group_size=rows_per_group,
+                       compression="zstd")
+        assert pq.ParquetFile(d.parquet(sid)).num_row_groups > 1
+        marker = json.loads(d.marker(sid).read_text())
+        marker.update(bytes=d.parquet(sid).stat().st_size, sha256=file_sha256(d.parquet(sid)))
+        d.marker(sid).write_text(json.dumps(marker))
+
+
+def test_row_groups_and_ray_tasks_give_the_same_bytes(built, tmp_path, ray_local):
+    """Pack tasks read persons/faces one row group at a time; on Ray (one task per window) the bytes are those of
+    the local run over single-row-group shards."""
+    _, inputs, _ = built
+    cfg = small_config(pack_window=1)  # 3 windows -> 3 Ray tasks
+    run(cfg, inputs, tmp_path / "local")
+    grouped = dict(inputs)
+    for k in ("persons", "faces"):
+        grouped[k] = tmp_path / "in" / k
+        _rewrite_with_row_groups(inputs[k], grouped[k], rows_per_group=4)
+    ray_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "ray"})})
+    stats = run(ray_cfg, grouped, tmp_path / "ray")
+    assert len(stats["shards"]) >= 3
+    for p in sorted((tmp_path / "local").rglob("*")):
+        if p.is_file() and p.suffix in (".tar", ".parquet"):
+            assert (tmp_path / "ray" / p.relative_to(tmp_path / "local")).read_bytes() == p.read_bytes(), p.name
+    assert verify_bundle(tmp_path / "ray") == []
 
 
 def test_other_config_is_refused(built, tmp_path):

@@ -68,7 +68,7 @@ def test_stage_selection_funnel_and_shards(tmp_path):
                        "bob3_0": "low_face_score", "cy0_0": "dbscan_noise"}
     assert stats["identities"] == 2 and stats["images"] == 8 and stats["rows_in"] == len(rows)
     assert stats["drops"] == {"dbscan_noise": 3, "low_face_score": 1, "near_duplicate": 1}
-    assert [f["step"] for f in stats["funnel"]] == ["input", "cluster", "face_score", "merge", "near_duplicates",
+    assert [f["step"] for f in stats["funnel"]] == ["input", "copies", "cluster", "face_score", "merge", "near_duplicates",
                                                     "val_overlap", "min_images"]
     assert json.loads((tmp_path / "clean" / "stats.json").read_text()) == stats
     assert stats["embedder"] == "kprpe"

@@ -51,7 +51,7 @@ def test_largest_cluster_kept_noise_and_smaller_clusters_dropped():
     feats = list(person_photos(rng, a, 5)) + list(person_photos(rng, b, 3)) + [c, d]
     state = make_state([("x", f"p{i}", f) for i, f in enumerate(feats)])
     report = cluster(state)
-    assert report == {"names": 1, "identities": 1, "same_photo": 0}
+    assert report == {"names": 1, "identities": 1, "ambiguous_names": 0, "same_photo": 0}
     assert state.names == ["x"]
     assert list(state.ident[:5]) == [0] * 5
     assert list(state.reason[5:8]) == ["not_largest_cluster"] * 3
@@ -215,5 +215,5 @@ def test_too_few_images_and_funnel():
     result = clean_selection(state, CleanConfig(), OFFICIAL, [])
     assert state.reason[3] == "too_few_images" and state.reason[4] == "low_face_score"
     steps = [(r["step"], r["identities"], r["images"]) for r in result["funnel"]]
-    assert steps == [("input", 2, 5), ("cluster", 2, 5), ("face_score", 2, 4), ("merge", 2, 4),
+    assert steps == [("input", 2, 5), ("copies", 2, 5), ("cluster", 2, 5), ("face_score", 2, 4), ("merge", 2, 4),
                      ("near_duplicates", 2, 4), ("val_overlap", 2, 4), ("min_images", 1, 3)]

@@ -118,3 +118,55 @@ def test_ray_tasks_for_cpu_stage(tmp_path, ray_local):
 
     RayExecutor().run(CpuSquare(), tmp_path / "in", tmp_path / "out")
     assert DatasetDir(tmp_path / "out").done_ids() == ["00000", "00001", "00002"]
+
+
+class StallOnce(Square):
+    """A CPU stage whose shard 00001 stalls far past the time limit on its first attempt only."""
+
+    uses_model = False
+
+    def process(self, batch: pa.Table) -> BatchResult:
+        import time
+        from pathlib import Path
+
+        probe = Path(self.config["probe"])
+        sid = batch.column("sample_id")[0].as_py().split("-")[0]
+        first = not (probe / f"{sid}.started").exists()
+        (probe / f"{sid}.started").write_text("1")
+        if sid == "00001" and first:
+            time.sleep(600)  # cancelled at the time limit long before
+        return super().process(batch)
+
+    @property
+    def batch_size(self) -> int:
+        return 1000
+
+
+def test_ray_tasks_time_limit_resubmits_and_in_flight_is_cluster_cpus(tmp_path, ray_local):
+    import ray
+
+    make_input(tmp_path / "in", n_shards=5, rows=4)
+    LocalExecutor().run(Square(), tmp_path / "in", tmp_path / "ref")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    stage = StallOnce(config={"probe": str(probe)})
+    stage.config_hash = Square().config_hash
+    ex = RayExecutor(task_timeout_s=30, task_retries=0)  # generous: worker start-up counts, and CI is loaded
+    summary = ex.run(stage, tmp_path / "in", tmp_path / "out")
+    assert summary.timed_out == 1 and summary.resubmitted == 1 and summary.failed == []
+    assert ex.last_run["workers"] == int(ray.cluster_resources()["CPU"])  # tasks in flight = cluster CPUs
+    ref, out = DatasetDir(tmp_path / "ref"), DatasetDir(tmp_path / "out")
+    for sid in ref.done_ids():
+        assert ref.parquet(sid).read_bytes() == out.parquet(sid).read_bytes()
+
+
+def test_actor_pool_is_sized_from_the_cluster():
+    from pipeline.executors import actor_pool_size
+
+    paper = {"CPU": 64 * 8 + 20 * 32, "GPU": 64.0}
+    assert actor_pool_size(paper, 10_000, None, 1, 512, 2, 0.5) == 128  # every GPU used, 2 actors each
+    assert actor_pool_size(paper, 10_000, None, 1, 100, 2, 0.5) == 100  # max_actors caps it
+    assert actor_pool_size(paper, 7, None, 1, 512, 2, 0.5) == 7  # never more actors than pending shards
+    assert actor_pool_size({"CPU": 6.0}, 50, None, 1, None, 0.5, 0.0) == 12  # no GPUs: CPUs / actor_cpus
+    assert actor_pool_size({"CPU": 0.0}, 50, None, 2, None, 0.5, 0.0) == 2  # min_actors
+    assert actor_pool_size(paper, 50, 3, 1, None, 2, 0.5) == 3  # a fixed size wins

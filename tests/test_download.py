@@ -272,8 +272,9 @@ def downloaded(tmp_path_factory):
     with serving(corpus_routes()) as server:
         base = server.base_url
         lines = [f"{i} L{i % 3} {base}/{name}" for i, name in enumerate(EXPECTED)]
+        # path-like label; the same URL as row 0, in the same manifest shard: fetched once
+        lines.insert(1, f"100 ../../x {base}/bus.jpg")
         lines += [
-            f"100 ../../x {base}/bus.jpg",  # path-like label; the same URL as row 0: fetched once
             f"101 L0 {base}/bus.jpg",  # duplicate within L0: dropped by the query stage
             f"102 L1 {closed_port_url()}/gone.jpg",
             "103 L2 http://10.0.0.7/private.jpg",
@@ -282,10 +283,10 @@ def downloaded(tmp_path_factory):
         (root / "url.lst").write_bytes(("\n".join(lines) + "\n").encode() + b"105 \xff\xfeL 1 http://x.example/a\n")
         cfg = BuildConfig.model_validate({
             "query": {"inputs": [{"path": str(root / "url.lst")}], "shard_size": 8},
-            # one download process: each img2dataset process costs seconds of imports, the corpus is tiny
             # timeout 3 s: short for the slow route, long enough for the rest on a loaded 2-core machine
+            "run": {"executor": "local"},  # in-process, shard after shard (test_ray_tasks_... covers Ray)
             "download": {"allow_private_hosts": ["127.0.0.1"], "timeout": 3, "retries": 0,
-                         "processes_count": 1, "thread_count": 16, "max_body_bytes": 2_000_000},
+                         "thread_count": 16, "max_body_bytes": 2_000_000},
         })
         before = tree(root, root / "out")
         old = os.getcwd()
@@ -359,7 +360,7 @@ def test_nothing_written_outside_the_output(downloaded):
     assert downloaded["new_files"] == set()
     assert list(downloaded["work"].iterdir()) == []
     out = downloaded["root"] / "out" / "download"
-    assert not (out / "_img2dataset").exists()  # staging removed once its shards are committed
+    assert not (out / "_work").exists()  # no unit scratch left behind (the shards are built in memory)
     assert not any(p.name.startswith("..") for p in out.rglob("*"))
 
 
@@ -425,8 +426,9 @@ def test_with_a_proxy_the_target_name_is_still_checked(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_ray_distributor_when_a_ray_address_is_set(tmp_path, ray_local, caplog):
-    """With run.ray_address, img2dataset's Ray distributor runs the job on that cluster (here the tests' one)."""
+def test_ray_tasks_when_the_executor_is_ray(tmp_path, ray_local, caplog):
+    """With run.executor ray, each manifest shard is one Ray task (the contract's executor) that commits its
+    own shard."""
     import logging
 
     import ray
@@ -436,17 +438,18 @@ def test_ray_distributor_when_a_ray_address_is_set(tmp_path, ray_local, caplog):
     address = ray.get_runtime_context().gcs_address
     routes = {f"/p{i}.jpg": Route(200, JPEG, jpeg(120 + i, 90)) for i in range(3)}
     with serving(routes) as server:
-        (tmp_path / "url.lst").write_text("".join(f"{i} A {server.base_url}/p{i}.jpg\n" for i in range(3)))
+        (tmp_path / "url.lst").write_text("".join(f"{i} A{i} {server.base_url}/p{i}.jpg\n" for i in range(3)))
         cfg = BuildConfig.model_validate({
-            "run": {"ray_address": address},
-            "query": {"inputs": [{"path": str(tmp_path / "url.lst")}]},
-            "download": {"allow_private_hosts": ["127.0.0.1"], "processes_count": 1, "thread_count": 4},
+            "run": {"executor": "ray", "ray_address": address},
+            "query": {"inputs": [{"path": str(tmp_path / "url.lst")}], "shard_size": 1},
+            "download": {"allow_private_hosts": ["127.0.0.1"], "thread_count": 4},
         })
         build_manifest(cfg.query, tmp_path / "query")
         stats = download_run(cfg, {"query": tmp_path / "query"}, tmp_path / "download")
-    assert stats["rows_out"] == 3 and stats["drops"] == {}
-    assert "3 URLs" in caplog.text and "(ray)" in caplog.text
-    assert not (tmp_path / "download" / "_img2dataset").exists()  # committed and cleaned
+    assert stats["rows_out"] == 3 and stats["drops"] == {} and stats["shards_done"] == 3
+    assert stats["run"]["units"] == 3 and stats["run"]["resubmitted"] == 0
+    assert stats["run"]["workers"] == 2  # tasks in flight: the cluster's CPUs (the tests' local Ray has 2)
+    assert "(ray executor" in caplog.text
     rows = _rows(tmp_path / "download")
     assert sorted(Image.open(io.BytesIO(r["image"])).size for r in rows) == [(640, 640)] * 3
 

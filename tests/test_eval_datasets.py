@@ -10,17 +10,19 @@ import pytest
 import torch
 
 from sapiensid.config import SapiensIDConfig
+from sapiensid.data import iter_raw
 from sapiensid.data.synthetic import Identity, render, write_shards
 from sapiensid.evaluate import (
     DatasetSpec,
     embed_items,
     evaluate_model,
+    evaluate_webbody_shards,
     markdown_table,
     prepare_input,
     write_report,
 )
 from sapiensid.model import SapiensID
-from sapiensid.reid_datasets import EvalItem, load_ltcc, load_market1501, load_prcc, split_webbody_shards
+from sapiensid.reid_datasets import EvalItem, load_ltcc, load_market1501, load_prcc, webbody_query_gallery
 from sapiensid.verification import write_bin
 
 
@@ -79,9 +81,11 @@ def test_prcc_layout(tmp_path):
 
 def test_webbody_shard_split_and_report(tmp_path, tiny_model):
     paths = write_shards(tmp_path / "b", n_identities=4, per_identity=3, split="test", samples_per_shard=50)
-    (split,) = split_webbody_shards(paths)
-    assert len(split.query) == 4 and len(split.gallery) == 8
-    assert {q.pid for q in split.query} == {0, 1, 2, 3}
+    recs = [json.loads(r["json"]) for r in iter_raw(paths)]
+    roles = webbody_query_gallery([r["label"] for r in recs], [r["key"] for r in recs], [r.get("role") for r in recs])
+    assert len(roles.query) == 4 and len(roles.gallery) == 8
+    assert {recs[i]["label"] for i in roles.query} == {0, 1, 2, 3}
+    assert not set(roles.query) & set(roles.gallery)
     pairs = []
     for i in range(4):
         a, _ = render(Identity.make(i), np.random.default_rng(i))
@@ -99,6 +103,32 @@ def test_webbody_shard_split_and_report(tmp_path, tiny_model):
     table = report.markdown_path.read_text()
     assert "| wb | general |" in table and "| lfw |" in table
     assert markdown_table(results).count("\n") >= 5
+
+
+def test_bundle_roles_take_precedence_over_the_fallback():
+    labels, keys = [0, 0, 0, 1, 1, 2], ["a", "b", "c", "d", "e", "f"]
+    roles = webbody_query_gallery(labels, keys, ["gallery", "query", "gallery", None, None, None])
+    assert [keys[i] for i in roles.query if labels[i] == 0] == ["b"]
+    assert sum(labels[i] == 1 for i in roles.query) == 1  # fallback: one query for an identity without roles
+    assert roles.notes["identities_without_pair"] == 1 and 5 in roles.gallery  # a singleton is a distractor
+
+
+def test_streamed_evaluation_keeps_no_images(tmp_path, tiny_model):
+    """Python-heap peak (numpy buffers are traced) while evaluating 60 vs 240 samples of 384 px: holding the
+    decoded images would add 180 x 442 KB = 80 MB; streaming keeps one batch plus N x 128 floats."""
+    import tracemalloc
+
+    few = write_shards(tmp_path / "few", n_identities=6, per_identity=10, split="test", samples_per_shard=30)
+    many = write_shards(tmp_path / "many", n_identities=6, per_identity=40, split="test", samples_per_shard=60)
+    dev = torch.device("cpu")
+    peaks = {}
+    for name, urls in (("few", few), ("many", many)):
+        tracemalloc.start()
+        res = evaluate_webbody_shards(tiny_model, urls, dev, batch_size=16)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert res["num_query_images"] == 6 and res["skipped_samples"] == 0
+    assert peaks["many"] - peaks["few"] < 15 << 20, peaks
 
 
 def test_flip_tta_is_flip_invariant_and_batch_independent(tiny_model):

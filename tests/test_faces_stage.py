@@ -18,6 +18,7 @@ from pipeline.faces import FacesStage, decode_feature
 from pipeline.faces.align import similarity_to_template, transform_points, warp_face
 from pipeline.faces.detectors import FaceDetector
 from pipeline.faces.embedders import ArcFaceEmbedder, FaceCrop, KPRPEEmbedder
+from pipeline.inference import installed_backends
 from pipeline.registry import run_stage
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
@@ -29,9 +30,10 @@ TINY = dict(detector_model="retinaface_mnet025.onnx", embedder="kprpe", embedder
             kprpe_size="tiny", batch_size=4, num_threads=1)
 
 
-@pytest.fixture(scope="module")
-def stage() -> FacesStage:
-    s = FacesStage(FacesConfig(**TINY))
+@pytest.fixture(scope="module", params=installed_backends())
+def stage(request) -> FacesStage:
+    """The stage tests run once per installed inference backend (detector and KP-RPE embedder)."""
+    s = FacesStage(FacesConfig(**TINY, backend=request.param))
     s.ensure_setup()
     return s
 

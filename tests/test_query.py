@@ -149,3 +149,37 @@ def test_edited_input_is_not_mistaken_for_a_finished_output(tmp_path):
     with pytest.raises(StageError, match="config"):
         build_manifest(cfg, tmp_path / "m")
     assert build_manifest(cfg, tmp_path / "m", overwrite=True)["rows_out"] == 2
+
+
+def _lst(path, rows) -> None:
+    path.write_text("".join(f"{i} {label} http://a.example/{label}/{i}.jpg\n" for i, label in rows))
+
+
+def test_shards_are_name_aligned_and_big_names_get_their_own(tmp_path):
+    # labels interleaved in the input; "big" has more URLs than a shard holds
+    rows = [(i, lab) for i, lab in enumerate(["a", "b", "a", "big", "c"] + ["big"] * 6 + ["b", "d"])]
+    _lst(tmp_path / "url.lst", rows)
+    stats = build_manifest(QueryConfig(inputs=[{"path": str(tmp_path / "url.lst")}], shard_size=3), tmp_path / "m")
+    d = DatasetDir(tmp_path / "m")
+    shards = {sid: t.column("label").to_pylist() for sid, t in d.iter_tables()}
+    # every label in exactly one shard, except "big" (7 URLs > 3), whose shards hold nothing else
+    assert shards == {"00000": ["a", "a"], "00001": ["b", "b"], "00002": ["big"] * 3, "00003": ["big"] * 3,
+                      "00004": ["big"], "00005": ["c", "d"]}
+    assert d.shard_stats("00003")["split_label"] == "big" and "split_label" not in d.shard_stats("00005")
+    assert stats["identities"] == 5 and stats["split_names"] == 1 and stats["rows_out"] == 13
+    # rows of a name keep input order
+    urls = d.read_shard("00002").column("url").to_pylist()
+    assert urls == [f"http://a.example/big/{i}.jpg" for i in (3, 5, 6)]
+
+
+def test_parallel_read_equals_serial(tmp_path, ray_local):
+    (tmp_path / "in").mkdir()
+    for k in range(3):  # names spread over several files: dedup and packing must see them all, in file order
+        _lst(tmp_path / "in" / f"part{k}.lst", [(i, f"n{(i * 7 + k) % 5}") for i in range(k * 10, k * 10 + 10)])
+    cfg = QueryConfig(inputs=[{"path": str(tmp_path / "in")}], shard_size=8)
+    serial = build_manifest(cfg, tmp_path / "serial")
+    parallel = build_manifest(cfg, tmp_path / "parallel", parallel=True)
+    assert serial == parallel
+    for sid in DatasetDir(tmp_path / "serial").done_ids():
+        assert (tmp_path / "serial" / f"part-{sid}.parquet").read_bytes() == \
+            (tmp_path / "parallel" / f"part-{sid}.parquet").read_bytes()

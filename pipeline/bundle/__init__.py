@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from pipeline.config import BuildConfig
 
 
-def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
-    """Write `webbody-{split}-{n:06d}.tar` shards, `index.parquet`, `centers.parquet` and `stats.json`."""
+def run(cfg: BuildConfig, inputs: dict[str, str | os.PathLike], output: str | os.PathLike,
+        overwrite: bool = False) -> dict:
+    """Write `webbody-{split}-{n:06d}.tar` shards, `index.parquet`, `centers.parquet` and `stats.json` to
+    `output`, a local folder or an object-store URI (docs/bundle.md)."""
     from pipeline.bundle.writer import run_bundle
 
     return run_bundle(cfg, inputs, output, overwrite)

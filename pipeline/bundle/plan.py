@@ -1,8 +1,15 @@
 """Pass 1 of the bundle: the clean selection joined to persons/faces metadata (no image bytes), the splits,
-the per-identity face centers, and the sample -> shard assignment.
+the per-identity face centers, and the sample -> shard -> pack task assignment.
 
-Order within a split is (input shard id, sha256(seed:key)): a bundle shard draws its samples from a few
-consecutive input shards (each pack task reads little), while samples inside it are pseudo-randomly mixed.
+Linear in shards: each input folder is listed once (names and sizes), and each shard's marker is read at most
+once (`ShardSet`), so planning S shards costs 3 listings and <= 3 S marker reads.
+
+Order: input shards are grouped into windows of `bundle.pack_window` consecutive shard ids; within a window
+and split, samples are ordered by sha256(seed:key), i.e. shuffled across the window's shards with a fixed
+seed, and cut into bundle shards of `samples_per_shard` (the last shard of a window may be smaller). One pack
+task per window reads every input row group of its window once and writes all of the window's shards, so the
+input is read once whatever the shuffle (a bundle shard drawing from W input shards would otherwise read each
+of them again). Shard numbers run on across windows.
 """
 
 from __future__ import annotations
@@ -11,20 +18,20 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import SPLITS, shard_file
 from pipeline.bundle.splits import SplitPlan, is_hard, make_splits
+from pipeline.bundle.store import Store, as_store
 from pipeline.config import BundleConfig
-from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
-SPLITS = ("train", "test")
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
 def sample_key(person_id: str) -> str:
@@ -34,8 +41,45 @@ def sample_key(person_id: str) -> str:
     return key if len(key) <= 80 else hashlib.sha256(person_id.encode()).hexdigest()[:40]
 
 
-def shard_file(split: str, n: int) -> str:
-    return f"webbody-{split}-{n:06d}.tar"
+class ShardSet:
+    """The finished shards of a stage's folder (the stage contract of `pipeline.shards`), from one listing.
+
+    A shard is finished when its parquet and its `.done` marker are listed and the marker names the listed
+    parquet size; markers are read lazily, once, and only for the shards asked about.
+    """
+
+    def __init__(self, root: str | Store):
+        self.store = as_store(root)
+        self.files = self.store.listing()
+        self._done: dict[str, bool] = {}
+
+    def ids(self) -> list[str]:
+        """Ids with a parquet and a marker listed (the marker's content not yet checked)."""
+        return sorted(m.group(1) for n in self.files if (m := _PART.match(n)) and f"part-{m.group(1)}.done" in self.files)
+
+    def is_done(self, sid: str) -> bool:
+        if sid not in self._done:
+            ok = f"part-{sid}.parquet" in self.files and f"part-{sid}.done" in self.files
+            if ok:
+                try:
+                    ok = self.store.read_json(f"part-{sid}.done").get("bytes") == self.files[f"part-{sid}.parquet"]
+                except (OSError, ValueError):
+                    ok = False
+            self._done[sid] = ok
+        return self._done[sid]
+
+    def done_ids(self) -> list[str]:
+        return [s for s in self.ids() if self.is_done(s)]
+
+    def parquet_name(self, sid: str) -> str:
+        return f"part-{sid}.parquet"
+
+    def read(self, sid: str, columns: list[str]) -> pa.Table | None:
+        if not self.is_done(sid):
+            return None
+        # Through a random-access file: only the asked columns' chunks are read (ranged GETs on object stores).
+        with self.store.open(self.parquet_name(sid)) as fh:
+            return pq.ParquetFile(fh).read(columns=columns)
 
 
 @dataclass
@@ -50,6 +94,7 @@ class Planned:
     subsets: list[str] = field(default_factory=list)
     shard: str = ""
     position: int = 0
+    window: int = 0
 
 
 @dataclass
@@ -66,38 +111,44 @@ class BundlePlan:
             out.setdefault(s.shard, []).append(s)
         return out
 
+    def windows(self) -> dict[int, list[str]]:
+        """Pack task (window) -> its shards, in shard order."""
+        out: dict[int, list[str]] = {}
+        for s in self.samples:
+            shards = out.setdefault(s.window, [])
+            if not shards or shards[-1] != s.shard:
+                shards.append(s.shard)
+        return out
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for s in self.samples:
             h.update(f"{s.key}|{s.identity}|{s.split}|{s.label}|{s.role}|{','.join(s.subsets)}|{s.shard}|"
-                     f"{s.position}\n".encode())
+                     f"{s.position}|{s.window}\n".encode())
         return h.hexdigest()[:16]
 
 
-def _read(d: DatasetDir, sid: str, columns: list[str]) -> pa.Table | None:
-    if sid not in d.done_ids():
-        return None
-    return pq.read_table(d.parquet(sid), columns=columns)
-
-
-def build_plan(cfg: BundleConfig, clean: Path, persons: Path, faces: Path) -> BundlePlan:
-    cdir, pdir, fdir = DatasetDir(clean), DatasetDir(persons), DatasetDir(faces)
-    if not cdir.done_ids():
-        raise StageError(f"no finished clean shards in {clean}: run the clean stage first")
+def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, faces: str | Store) -> BundlePlan:
+    cset, pset, fset = ShardSet(clean), ShardSet(persons), ShardSet(faces)
+    clean_ids = cset.done_ids()
+    if not clean_ids:
+        raise StageError(f"no finished clean shards in {cset.store}: run the clean stage first")
     samples: list[Planned] = []
     hard: list[bool] = []
     centers: dict[str, tuple[np.ndarray, int, str]] = {}
     drops: Counter = Counter()
     rows_in = 0
     seen: dict[str, str] = {}
-    for sid in cdir.done_ids():
-        sel = pq.read_table(cdir.parquet(sid), columns=["person_id", "identity", "kept"])
+    window_of = {sid: i // cfg.pack_window for i, sid in enumerate(clean_ids)}
+    for sid in clean_ids:
+        sel = cset.read(sid, ["person_id", "identity", "kept"])
+        assert sel is not None
         sel = sel.filter(pc.and_(pc.equal(sel.column("kept"), True), pc.is_valid(sel.column("identity"))))
         rows_in += sel.num_rows
         if not sel.num_rows:
             continue
-        ptab = _read(pdir, sid, ["person_id", "keypoints_crop"])
-        ftab = _read(fdir, sid, ["person_id", "feature", "feature_dim", "embedder"])
+        ptab = pset.read(sid, ["person_id", "keypoints_crop"])
+        ftab = fset.read(sid, ["person_id", "feature", "feature_dim", "embedder"])
         kps = dict(zip(ptab.column("person_id").to_pylist(), ptab.column("keypoints_crop").to_pylist())) if ptab else {}
         feats = {r["person_id"]: r for r in ftab.to_pylist()} if ftab is not None else {}
         for pid, ident in zip(sel.column("person_id").to_pylist(), sel.column("identity").to_pylist()):
@@ -110,7 +161,7 @@ def build_plan(cfg: BundleConfig, clean: Path, persons: Path, faces: Path) -> Bu
                 raise StageError(f"two kept samples share the key '{key}' ({seen[key]} and {pid}): person ids "
                                  "must be unique across the clean selection")
             seen[key] = pid
-            samples.append(Planned(key, pid, sid, ident))
+            samples.append(Planned(key, pid, sid, ident, window=window_of[sid]))
             hard.append(is_hard(kp[2::3]) if len(kp) == 51 else False)
             f = feats.get(pid)
             if f is not None:
@@ -137,9 +188,13 @@ def build_plan(cfg: BundleConfig, clean: Path, persons: Path, faces: Path) -> Bu
     ordered: list[Planned] = []
     for split in SPLITS:
         part = [s for s in samples if s.split == split]
-        part.sort(key=lambda s: (s.in_shard, hashlib.sha256(f"{cfg.seed}:{s.key}".encode()).hexdigest()))
-        for i, s in enumerate(part):
-            s.shard = shard_file(split, i // cfg.samples_per_shard)
-            s.position = i % cfg.samples_per_shard
+        part.sort(key=lambda s: (s.window, hashlib.sha256(f"{cfg.seed}:{s.key}".encode()).hexdigest()))
+        n, i, window = -1, 0, None
+        for s in part:
+            if s.window != window or i == cfg.samples_per_shard:  # a new window starts a new shard
+                n, i, window = n + 1, 0, s.window
+            s.shard, s.position = shard_file(split, n), i
+            i += 1
         ordered.extend(part)
+    ordered.sort(key=lambda s: (s.window, s.split != "train", s.shard, s.position))
     return BundlePlan(ordered, splits, centers, rows_in, drops)

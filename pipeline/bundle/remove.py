@@ -13,7 +13,6 @@ stage over the same selection never writes them again, and nothing readable abou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import center_matrix, key_hash, removed_hashes, summarize
 from pipeline.bundle.tarpack import iter_members, split_member_name, write_shard_atomic
-from pipeline.bundle.writer import center_matrix, summarize
 from pipeline.config import BuildConfig
 from pipeline.shards import atomic_write_json, atomic_write_parquet, file_sha256
 from pipeline.stage import StageError
@@ -34,18 +33,8 @@ log = logging.getLogger(__name__)
 EmbedFn = Callable[[Path], tuple[np.ndarray, str]]  # image -> (raw feature of its largest face, embedder name)
 
 
-def key_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _norm_name(s: str) -> str:
     return " ".join(s.casefold().split())
-
-
-def removed_hashes(out: Path) -> dict[str, set[str]]:
-    p = out / "_removed.json"
-    data = json.loads(p.read_text()) if p.exists() else {}
-    return {"keys": set(data.get("keys", [])), "identities": set(data.get("identities", []))}
 
 
 def embed_largest_face(image: Path, cfg: BuildConfig) -> tuple[np.ndarray, str]:
@@ -101,6 +90,11 @@ def match_face(out: Path, feature: np.ndarray, embedder: str, cfg: BuildConfig) 
 def remove_subject(out: str | Path, *, name: str | None = None, url: str | None = None, face: str | Path | None = None,
                    cfg: BuildConfig | None = None, embed: EmbedFn | None = None) -> dict:
     """Remove one subject; returns counts (samples, identities, shards rewritten/deleted), never names."""
+    from pipeline import storage
+
+    if not storage.is_local(str(out)):
+        raise StageError(f"{storage.display(str(out))}: `webbody remove` rewrites shards in place and works on local "
+                         "bundle folders only; sync the bundle to a local folder, remove, and sync it back")
     out = Path(out)
     if sum(x is not None for x in (name, url, face)) != 1:
         raise StageError("give exactly one of --name, --url, --face")

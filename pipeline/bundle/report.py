@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.bundle.tarpack import read_at
+from pipeline.bundle.store import Store, as_store
 from pipeline.shards import atomic_write_bytes
 
 KEPT = "#2f6fdf"
@@ -35,13 +36,13 @@ def _e(v: object) -> str:
     return html.escape(str(v), quote=True)
 
 
-def funnel_rows(bundle: Path, build_root: Path | None) -> list[dict]:
+def funnel_rows(bundle: str | Path | Store, build_root: str | Path | Store | None) -> list[dict]:
     """Stages in pipeline order with rows in/out/drops: the build's funnel when given, else the bundle's own."""
-    stats = json.loads((bundle / "stats.json").read_text())
+    stats = as_store(bundle).read_json("stats.json")
     stages: list[dict] = []
-    build_stats = (build_root / "stats.json") if build_root else None
-    if build_stats and build_stats.exists():
-        stages = [s for s in json.loads(build_stats.read_text()).get("stages", []) if s.get("stage") != "bundle"]
+    build = as_store(build_root) if build_root is not None else None
+    if build is not None and build.exists("stats.json"):
+        stages = [s for s in build.read_json("stats.json").get("stages", []) if s.get("stage") != "bundle"]
     if not stages:
         stages = list(stats.get("funnel", []))
     stages.append({"stage": "bundle", "rows_in": stats.get("rows_in"), "rows_out": stats.get("rows_out"),
@@ -154,7 +155,8 @@ def draw_thumbnail(jpg: bytes, meta: dict, size: int = 128) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
 
 
-def galleries(bundle: Path, index: list[dict], max_identities: int = 12, per_identity: int = 8) -> str:
+def galleries(bundle: str | Path | Store, index: list[dict], max_identities: int = 12, per_identity: int = 8) -> str:
+    store = as_store(bundle)
     by_id: dict[str, list[dict]] = {}
     for r in index:
         by_id.setdefault(r["identity"], []).append(r)
@@ -164,9 +166,8 @@ def galleries(bundle: Path, index: list[dict], max_identities: int = 12, per_ide
         rows = sorted(by_id[ident], key=lambda r: r["key"])[:per_identity]
         figs = []
         for r in rows:
-            path = bundle / r["shard"]
-            jpg = read_at(path, r["jpg_offset"], r["jpg_size"])
-            meta = json.loads(read_at(path, r["json_offset"], r["json_size"]))
+            jpg = store.read_range(r["shard"], r["jpg_offset"], r["jpg_size"])  # ranged reads, not whole shards
+            meta = json.loads(store.read_range(r["shard"], r["json_offset"], r["json_size"]))
             figs.append(f'<figure><img src="{draw_thumbnail(jpg, meta)}" alt="{_e(r["key"])}">'
                         f'<figcaption>{_e(r["role"])}</figcaption></figure>')
         first = rows[0]
@@ -190,11 +191,11 @@ def split_table(stats: dict) -> str:
             f"<th>gallery</th></tr>{''.join(rows)}</table>{note}")
 
 
-def render_report(bundle: str | Path, build_root: str | Path | None = None) -> str:
-    bundle = Path(bundle)
-    stats = json.loads((bundle / "stats.json").read_text())
-    index = pq.read_table(bundle / "index.parquet").to_pylist()
-    stages = funnel_rows(bundle, Path(build_root) if build_root else None)
+def render_report(bundle: str | Path | Store, build_root: str | Path | Store | None = None) -> str:
+    bundle = as_store(bundle)
+    stats = bundle.read_json("stats.json")
+    index = pq.read_table(io.BytesIO(bundle.read_bytes("index.parquet"))).to_pylist()
+    stages = funnel_rows(bundle, build_root)
     chart, legend, table = funnel_chart(stages)
     kp, kpn = keypoint_charts(index)
     cards = "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in [
@@ -204,20 +205,24 @@ def render_report(bundle: str | Path, build_root: str | Path | None = None) -> s
     meta = (f"pipeline {_e(stats.get('pipeline_version'))} &middot; config {_e(stats.get('config_hash'))} &middot; "
             f"image {_e(stats.get('image_size'))} px")
     page = Template((Path(__file__).parent / "report.html").read_text()).substitute(
-        title=_e(bundle.resolve().parent.name or bundle.name), meta=meta, cards=cards, funnel_chart=chart,
+        title=_e(bundle.parent().uri.rstrip("/").rsplit("/", 1)[-1] or bundle.uri), meta=meta, cards=cards, funnel_chart=chart,
         funnel_legend=legend, funnel_table=table, split_table=split_table(stats), ipi_chart=images_per_identity(index),
         kp_chart=kp, kpn_chart=kpn, galleries=galleries(bundle, index))
     return page
 
 
-def write_report(bundle: str | Path, build_root: str | Path | None = None, output: str | Path | None = None) -> Path:
-    """Write `<bundle>/report.html` (or `output`) and return its path."""
-    bundle = Path(bundle)
-    if build_root is None and (bundle.parent / "stats.json").exists():
-        build_root = bundle.parent
-    path = Path(output) if output else bundle / "report.html"
-    atomic_write_bytes(path, render_report(bundle, build_root).encode())
-    return path
+def write_report(bundle: str | Path, build_root: str | Path | None = None,
+                 output: str | Path | None = None) -> Path | str:
+    """Write `<bundle>/report.html` (or `output`), local or on an object store, and return where."""
+    store = as_store(bundle)
+    if build_root is None and store.parent().exists("stats.json"):
+        build_root = store.parent().uri
+    page = render_report(store, build_root).encode()
+    if output is not None:
+        atomic_write_bytes(Path(output), page)
+        return Path(output)
+    store.write_bytes("report.html", page)
+    return Path(store.url("report.html")) if store.local else store.url("report.html")
 
 
 def report_main(bundle: str | Path, output: str | Path | None = None) -> int:

@@ -65,7 +65,15 @@ def _load(root: Path) -> tuple[list[Problem], dict | None, list[dict] | None]:
 
 
 def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]:
-    """Every problem found (empty list: the bundle is intact)."""
+    """Every problem found (empty list: the bundle is intact). On an object store the bundle's objects are
+    downloaded to a temporary folder first (verification reads every byte anyway)."""
+    from pipeline import storage
+
+    if not storage.is_local(str(root)):
+        from pipeline.bundle.store import local_folder
+
+        with local_folder(str(root)) as tmp:
+            return verify_bundle(tmp, decode_images)
     root = Path(root)
     problems, stats, index = _load(root)
     if stats is None or index is None:

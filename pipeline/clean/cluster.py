@@ -47,18 +47,22 @@ def _dbscan_block(feats: np.ndarray, bounds: list[tuple[int, int]], eps: float, 
     return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
 
 
-def _rank_clusters(labels: np.ndarray, photos: np.ndarray, top_k: int) -> dict[int, int]:
-    """Cluster id -> rank for the `top_k` largest clusters of one name.
+def _rank_clusters(labels: np.ndarray, photos: np.ndarray, top_k: int, tie_share: float
+                   ) -> tuple[dict[int, int], bool]:
+    """(cluster id -> rank for the `top_k` largest clusters of one name, whether the name is ambiguous).
 
     Size is the number of distinct photos (a group photo of look-alikes must not outweigh separate
     photos), then the number of faces, then the earliest row (rows are in person_id order): deterministic.
+    With `top_k == 1` the name is ambiguous when the runner-up holds at least `tie_share` of the winner's
+    distinct photos (1.0: only an exact tie): row order must never pick the person.
     """
     ranked = []
     for cid in np.unique(labels[labels >= 0]):
         members = np.flatnonzero(labels == cid)
         ranked.append((-len(np.unique(photos[members])), -len(members), int(members[0]), int(cid)))
     ranked.sort()
-    return {cid: rank for rank, (_, _, _, cid) in enumerate(ranked[:top_k])}
+    ambiguous = top_k == 1 and len(ranked) > 1 and -ranked[1][0] >= tie_share * -ranked[0][0]
+    return {cid: rank for rank, (_, _, _, cid) in enumerate(ranked[:top_k])}, ambiguous
 
 
 def identity_name(label: str, rank: int) -> str:
@@ -66,9 +70,11 @@ def identity_name(label: str, rank: int) -> str:
     return label if rank == 0 else f"{label}.c{rank}"
 
 
-def cluster_names(state: CleanState, eps: float, min_samples: int, top_k: int, pair_budget: int) -> dict:
+def cluster_names(state: CleanState, eps: float, min_samples: int, top_k: int, pair_budget: int,
+                  tie_share: float = 1.0) -> dict:
     """Assign identities: per name, the top_k DBSCAN clusters; the rest is `dbscan_noise` or
-    `not_largest_cluster`. Then `same_photo`: one detection per photo per identity."""
+    `not_largest_cluster`; a name whose top two clusters tie (see `_rank_clusters`) yields no identity
+    (`ambiguous_name`). Then `same_photo`: one detection per photo per identity."""
     usable = state.kept()
     rows = np.flatnonzero(usable)
     rows = rows[np.lexsort((state.order_key[rows], state.label[rows]))]
@@ -94,10 +100,15 @@ def cluster_names(state: CleanState, eps: float, min_samples: int, top_k: int, p
     names: list[str] = []
     ident = np.full(len(rows), -1, dtype=np.int64)
     reason = np.full(len(rows), None, dtype=object)
+    ambiguous_names = 0
     for a, b in zip(starts, ends):
         labels = cluster[a:b]
-        ranks = _rank_clusters(labels, state.photo[rows[a:b]], top_k)
+        ranks, tied = _rank_clusters(labels, state.photo[rows[a:b]], top_k, tie_share)
         reason[a:b] = np.where(labels < 0, "dbscan_noise", "not_largest_cluster")
+        if tied:
+            reason[a:b][labels >= 0] = "ambiguous_name"
+            ambiguous_names += 1
+            continue
         label_str = state.labels[int(lab[a])]
         for cid, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             members = np.flatnonzero(labels == cid) + a
@@ -110,27 +121,36 @@ def cluster_names(state: CleanState, eps: float, min_samples: int, top_k: int, p
     dropped = ident < 0
     state.reason[rows[dropped]] = reason[dropped]
     same_photo = _one_detection_per_photo(state)
-    return {"names": int(len(starts)), "identities": len(names), "same_photo": same_photo}
+    return {"names": int(len(starts)), "identities": len(names), "ambiguous_names": ambiguous_names,
+            "same_photo": same_photo}
 
 
 def _one_detection_per_photo(state: CleanState) -> int:
     """Keep, for each photo in an identity, the detection closest to the identity's mean face
-    (ties: higher face score, then person_id order); the others are `same_photo`."""
+    (ties: higher face score, then person_id order); the others are `same_photo`.
+
+    One pass over the kept rows (O(N log N)): the mean faces of every identity come from one grouped sum.
+    """
     rows = np.flatnonzero(state.kept())
-    key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows] if len(rows) else rows
-    _, counts = np.unique(key, return_counts=True)
-    if not len(counts) or counts.max() < 2:
+    if len(rows) < 2:
         return 0
-    dup_idents = np.unique(state.ident[rows][np.isin(key, np.unique(key)[counts > 1])])
+    key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows]
+    uniq, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    if counts.max() < 2:
+        return 0
+    # Only identities holding a repeated photo need their mean face.
+    dup_ident = np.unique(state.ident[rows][counts[inverse] > 1])
+    rows = rows[np.isin(state.ident[rows], dup_ident)]
+    key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows]
+    ids, local = np.unique(state.ident[rows], return_inverse=True)
+    f = normalise(state.feats[rows])
+    pick = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (local, np.arange(len(rows)))),
+                         shape=(len(ids), len(rows)))
+    centres = normalise(np.asarray(pick @ f))
+    closeness = np.einsum("ij,ij->i", f, centres[local])
+    order = np.lexsort((state.order_key[rows], -state.face_score[rows], -closeness, key))
+    k = key[order]
+    first = np.r_[True, k[1:] != k[:-1]]
     drop = np.zeros(state.n, dtype=bool)
-    for ident in dup_idents:
-        members = np.flatnonzero(state.ident == ident)
-        f = normalise(state.feats[members])
-        centre = normalise(f.sum(axis=0, keepdims=True))[0]
-        closeness = f @ centre
-        order = np.lexsort((state.order_key[members], -state.face_score[members], -closeness,
-                            state.photo[members]))
-        ph = state.photo[members][order]
-        first = np.r_[True, ph[1:] != ph[:-1]]
-        drop[members[order[~first]]] = True
+    drop[rows[order[~first]]] = True
     return state.drop(drop, "same_photo")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.clean.copies import load_patch_hashes
 from pipeline.clean.state import DROPPED, CleanState, normalise
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
@@ -72,13 +73,15 @@ def _codes(values: pa.ChunkedArray, sort: bool) -> tuple[np.ndarray, list[str]]:
     return new_code[codes], [dictionary[int(k)].as_py() for k in order]
 
 
-def load_faces(inp: DatasetDir) -> Loaded:
+def load_faces(inp: DatasetDir, persons: DatasetDir | None = None) -> Loaded:
+    """All finished faces shards; with `persons`, also the perceptual hashes of every row's face patch."""
     ids = inp.done_ids()
     dim = _majority_dim(inp, ids)
     # Preallocated: concatenating per-shard arrays would hold the features twice at the peak.
     total = sum(inp.num_rows(sid) for sid in ids)
     feats = np.zeros((total, dim), dtype=np.float16)
     metas, norms, scores, bad, embedders = [], [], [], [], Counter()
+    hashes, flips, unhashed = [], [], 0
     offsets = [0]
     for sid in ids:
         table = FACES.validate(inp.read_shard(sid), where=str(inp.parquet(sid)))
@@ -102,6 +105,12 @@ def load_faces(inp: DatasetDir) -> Loaded:
         scores.append(np.asarray(table.column("face_score"), dtype=np.float32))
         bad.append(~ok)
         metas.append(table.select(META_COLUMNS).replace_schema_metadata(None))
+        if persons is not None:
+            h, hf, missing = load_patch_hashes(persons, [sid], [table.column("person_id").to_pylist()],
+                                               [table.column("face_box").to_pylist()])
+            hashes.append(h)
+            flips.append(hf)
+            unhashed += missing
         offsets.append(offsets[-1] + n)
     if len(embedders) > 1:
         raise StageError(
@@ -120,6 +129,9 @@ def load_faces(inp: DatasetDir) -> Loaded:
         face_score=np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32),
         order_key=_rank(meta.column("person_id")),
     )
+    if persons is not None:
+        state.hash = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+        state.hash_flip = np.concatenate(flips) if flips else np.zeros(0, dtype=np.uint64)
     bad_rows = np.concatenate(bad) if bad else np.zeros(0, dtype=bool)
     state.ident[bad_rows] = DROPPED
     state.reason[bad_rows] = "bad_feature"

@@ -1,6 +1,8 @@
 """The clean steps in order, on an in-memory state: the pure heart of the stage (no files).
 
-1. per-name DBSCAN, top-k clusters, one detection per photo   4. near-duplicates within an identity
+0. copies of one photo within a name are one photo (perceptual hashes of the face patch)
+1. per-name DBSCAN, top-k clusters (ties: no identity), one detection per photo
+                                                              4. near-duplicates within an identity
 2. face-score filter                                          5. validation-overlap removal
 3. transitive merge of similar identities, ambiguous rule     6. identities with too few images
 After each step the funnel records the identities and images left.
@@ -14,6 +16,7 @@ import time
 import numpy as np
 
 from pipeline.clean.cluster import cluster_names
+from pipeline.clean.copies import collapse_copies
 from pipeline.clean.dedup import drop_near_duplicates
 from pipeline.clean.merge import merge_identities
 from pipeline.clean.overlap import ValSet, remove_val_overlap
@@ -45,12 +48,18 @@ def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds
 
     def row(step: str) -> dict:
         now = time.perf_counter()
-        out = {**state.funnel_row(step), "seconds": round(now - clock[0], 3)}
+        counts = state.funnel_row(step)
+        if step == "copies":  # before clustering, identities are still the names
+            counts["identities"] = int(len(np.unique(state.label[state.kept()])))
+        out = {**counts, "seconds": round(now - clock[0], 3)}
         clock[0] = now
         return out
 
+    report["copies"] = collapse_copies(state, cfg.copy_hash_distance, 1.0 - thr.dbscan_eps)
+    funnel.append(row("copies"))
+
     report["cluster"] = cluster_names(state, thr.dbscan_eps, thr.dbscan_min_samples, cfg.top_k_clusters,
-                                      cfg.dbscan_pair_budget)
+                                      cfg.dbscan_pair_budget, cfg.tie_share)
     funnel.append(row("cluster"))
 
     report["face_score"] = {"dropped": state.drop(~(state.face_score > cfg.face_score), "low_face_score")}

@@ -42,12 +42,15 @@ def _peek_embedder(inp: DatasetDir) -> str | None:
     return None
 
 
-def _stage_meta(cfg: BuildConfig, inp: DatasetDir) -> dict:
+def _stage_meta(cfg: BuildConfig, inp: DatasetDir, persons: DatasetDir | None) -> dict:
     embedder = _peek_embedder(inp)
     thresholds = resolve_thresholds(cfg.clean, embedder)
     digest = hashlib.sha256()
     for sid in inp.done_ids():
         digest.update(sid.encode() + inp.marker(sid).read_bytes())
+    if persons is not None:
+        for sid in persons.done_ids():
+            digest.update(b"persons" + sid.encode() + persons.marker(sid).read_bytes())
     for path in cfg.clean.valsets:
         p = Path(path)
         digest.update(p.name.encode() + (file_sha256(p).encode() if p.exists() else b"missing"))
@@ -79,6 +82,10 @@ def _shard_table(loaded: Loaded, k: int, identity: np.ndarray) -> tuple[pa.Table
     table = meta.append_column("identity", pa.array(identity[a:b].tolist(), type=pa.string()))
     table = table.append_column("kept", pa.array(kept, type=pa.bool_()))
     table = table.append_column("reason", pa.array(reasons.tolist(), type=pa.string()))
+    copy_of = loaded.state.copy_of[a:b]
+    pids = loaded.meta.column("person_id")
+    dup = [pids[int(c)].as_py() if c >= 0 else None for c in copy_of]
+    table = table.append_column("duplicate_of", pa.array(dup, type=pa.string()))
     table = CLEAN.validate(table, where=f"clean shard {loaded.shard_ids[k]}").sort_by("person_id")
     drops = Counter(r for r in reasons.tolist() if r is not None)
     stats = {"stage": STAGE, "shard": loaded.shard_ids[k], "rows_in": b - a, "rows_out": int(kept.sum()),
@@ -109,14 +116,18 @@ def _prepare(out: DatasetDir, meta: dict, overwrite: bool) -> bool:
 
 def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:
     inp, out = DatasetDir(inputs["faces"]), DatasetDir(output)
+    # The persons crops give the perceptual hashes that find copies of one photo (pipeline/clean/copies.py).
+    persons = DatasetDir(inputs["persons"]) if inputs.get("persons") else None
+    if persons is None:
+        log.warning("clean: no persons input, so copies of one photo (mirrored, cropped) are not collapsed")
     _check_input(inp)
-    meta = _stage_meta(cfg, inp)
+    meta = _stage_meta(cfg, inp, persons)
     if _prepare(out, meta, overwrite):
         log.info("clean: %s already holds this selection; skipped", out.root)
         return read_stats(out.root)
 
     t0 = time.perf_counter()
-    loaded = load_faces(inp)
+    loaded = load_faces(inp, persons)
     thresholds = resolve_thresholds(cfg.clean, loaded.embedder)
     valsets = load_valsets(cfg.clean.valsets, loaded.embedder, loaded.dim) if loaded.embedder else []
     result = clean_selection(loaded.state, cfg.clean, thresholds, valsets)

@@ -27,6 +27,11 @@ class CleanState:
     ident: np.ndarray = field(default=None)  # (N,) int64 identity index into `names`, or DROPPED
     reason: np.ndarray = field(default=None)  # (N,) object: None while kept, else the reason code
     names: list[str] = field(default_factory=list)  # identity index -> stable identity id
+    # Perceptual hashes of each row's face patch and of its mirror (uint64, 0 = none), or None when the
+    # stage ran without the persons crops; see pipeline/clean/copies.py.
+    hash: np.ndarray | None = None
+    hash_flip: np.ndarray | None = None
+    copy_of: np.ndarray = field(default=None)  # (N,) int64 row a `near_duplicate` row copies, else -1
 
     def __post_init__(self) -> None:
         n = len(self.label)
@@ -34,6 +39,8 @@ class CleanState:
             self.ident = np.zeros(n, dtype=np.int64)
         if self.reason is None:
             self.reason = np.full(n, None, dtype=object)
+        if self.copy_of is None:
+            self.copy_of = np.full(n, -1, dtype=np.int64)
 
     @property
     def n(self) -> int:

@@ -23,6 +23,7 @@ RETRYABLE = frozenset(
         "http_503",
         "http_504",
         "download_error",
+        "task_failed",  # every attempt of the shard's task failed (runner.py)
     }
 )
 

@@ -1,4 +1,4 @@
-"""Face detectors (box + 5 landmarks + score) run through ONNX Runtime.
+"""Face detectors (box + 5 landmarks + score) run through ONNX Runtime or OpenVINO (on the same ONNX file).
 
 Two output layouts are decoded, chosen from the model's outputs (or forced in config):
 
@@ -91,21 +91,43 @@ class FaceDetector:
     """An ONNX face detector with batched, letterboxed inference and top-k decoding."""
 
     def __init__(self, model_path: str | Path, layout: Layout = "auto", input_size: int = 160,
-                 nms_iou: float = 0.4, providers: list[str] | None = None, num_threads: int | None = None):
-        import onnxruntime as ort
+                 nms_iou: float = 0.4, providers: list[str] | None = None, num_threads: int | None = None,
+                 backend: str = "onnxruntime"):
+        self.backend = backend
+        if backend == "openvino":
+            from pipeline.inference import OpenVINORunner, openvino_ir
 
-        opts = ort.SessionOptions()
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
-            opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=opts,
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for a bad file
-            raise StageError(f"face detector {model_path} is not a loadable ONNX model: {exc}") from exc
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        shape = list(inp.shape)
+            try:
+                self.runner = OpenVINORunner(openvino_ir(model_path), threads=num_threads,
+                                             gpu=bool(providers and providers[0] != "CPUExecutionProvider"))
+            except StageError as exc:
+                raise StageError(f"face detector {model_path}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - OpenVINO's reader raises RuntimeError for a bad file
+                raise StageError(f"face detector {model_path} is not a loadable ONNX model: {exc}") from exc
+            port = self.runner.compiled.inputs[0]
+            shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+            outputs = self.runner.compiled.outputs
+            self.output_names = [o.get_any_name() for o in outputs]
+            self._last_dims = [o.get_partial_shape()[-1].get_length() if o.get_partial_shape()[-1].is_static
+                               else None for o in outputs]
+            self.input_name = port.get_any_name()
+        else:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if num_threads:
+                opts.intra_op_num_threads = num_threads
+                opts.inter_op_num_threads = 1
+            try:
+                self.session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                                    providers=providers or ["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for a bad file
+                raise StageError(f"face detector {model_path} is not a loadable ONNX model: {exc}") from exc
+            inp = self.session.get_inputs()[0]
+            self.input_name = inp.name
+            shape = list(inp.shape)
+            self.output_names = [o.name for o in self.session.get_outputs()]
+            self._last_dims = [o.shape[-1] for o in self.session.get_outputs()]
         if len(shape) != 4:
             raise StageError(f"face detector {model_path}: expected an NCHW input, got shape {shape}")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
@@ -113,7 +135,6 @@ class FaceDetector:
         self.fixed_size = fixed_hw[0] if len(fixed_hw) == 2 and fixed_hw[0] == fixed_hw[1] else None
         self.input_size = self.fixed_size or int(input_size)
         self.nms_iou = nms_iou
-        self.output_names = [o.name for o in self.session.get_outputs()]
         self.layout = self._pick_layout(layout, str(model_path))
         if self.layout == "insightface":
             self._plan_insightface(str(model_path))
@@ -121,7 +142,7 @@ class FaceDetector:
     # -- layout ---------------------------------------------------------------------------------------
     def _pick_layout(self, layout: Layout, where: str) -> str:
         names = self.output_names
-        looks_biubug6 = len(names) == 3 and [o.shape[-1] for o in self.session.get_outputs()] == [4, 2, 10]
+        looks_biubug6 = len(names) == 3 and list(self._last_dims) == [4, 2, 10]
         looks_insight = len(names) in (6, 9, 10, 15)
         if layout == "auto":
             if looks_biubug6:
@@ -207,7 +228,11 @@ class FaceDetector:
         return self._select(boxes, lms, scores, max_faces, score_threshold)
 
     def _run(self, canvases: list[np.ndarray], height: int, width: int) -> list[tuple[np.ndarray, ...]]:
-        outs = self.session.run(None, {self.input_name: self._blob(canvases)})
+        blob = self._blob(canvases)
+        if self.backend == "openvino":
+            outs = self.runner(blob)
+        else:
+            outs = self.session.run(None, {self.input_name: blob})
         by_name = dict(zip(self.output_names, outs))
         if self.layout == "biubug6":
             return self._decode_biubug6(by_name, len(canvases), height, width)

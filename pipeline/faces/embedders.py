@@ -87,7 +87,7 @@ class KPRPEEmbedder:
     name = "kprpe"
 
     def __init__(self, weights: Path | None, size: str = "base", device: str = "auto",
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, backend: str = "torch"):
         import torch
 
         from sapiensid.kprpe_face import (
@@ -108,20 +108,59 @@ class KPRPEEmbedder:
                 load_kprpe_face_weights(self.model, weights)
             except CheckpointMismatchError as exc:
                 raise StageError(f"KP-RPE weights {weights} do not fit the '{size}' model: {exc}") from exc
-        self.model.eval().to(self.device)
+            except (ValueError, FileNotFoundError) as exc:  # e.g. a pickle with objects: refused, never run
+                raise StageError(f"KP-RPE weights {weights} could not be read (weights-only load): {exc}") from exc
+        self.model.eval()
         self.dim = int(self.model.output_dim)
+        self.backend = backend
+        self.runner = None
+        if backend != "torch":
+            from pipeline.inference import make_runner
+
+            self.runner = make_runner(backend, kprpe_onnx(self.model, weights, size), threads=num_threads,
+                                      gpu=self.device != "cpu")
+            self.model = None  # the compiled graph holds its own copy of the weights
+        else:
+            self.model.to(self.device)
+
+    def inputs(self, faces: list[FaceCrop]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, 112, 112) RGB in [-1, 1] and (B, 5, 2) landmarks in [0, 1], float32."""
+        x = np.stack([f.aligned for f in faces]).astype(np.float32).transpose(0, 3, 1, 2) / np.float32(127.5) - 1
+        kps = np.stack([f.landmarks for f in faces]).astype(np.float32) / np.float32(112.0)
+        return np.ascontiguousarray(x), kps
 
     def embed(self, faces: list[FaceCrop]) -> np.ndarray:
         import torch
 
         if not faces:
             return np.zeros((0, self.dim), np.float32)
-        x = np.stack([f.aligned for f in faces]).astype(np.float32)
-        x = torch.from_numpy(x).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)
-        kps = torch.from_numpy(np.stack([f.landmarks for f in faces]).astype(np.float32) / 112.0)
+        x, kps = self.inputs(faces)
+        if self.runner is not None:
+            return np.asarray(self.runner(x, kps)[0], np.float32)
         with torch.inference_mode():
-            out = self.model(x.to(self.device), kps.to(self.device))
+            out = self.model(torch.from_numpy(x).to(self.device), torch.from_numpy(kps).to(self.device))
         return out.float().cpu().numpy()
+
+
+def kprpe_onnx(model, weights: Path | None, size: str) -> Path:
+    """The ONNX graph of a KP-RPE model (dynamic batch), exported once with torch.onnx and cached by checksum:
+    beside its weight file, or for random weights under the cache directory, keyed by the state dict and the
+    architecture's source."""
+    import torch
+
+    import sapiensid.kprpe_face as arch
+    from pipeline.inference import EXPORT_DIR, export_dir, file_sha256, module_digest, torch_module_onnx
+    from pipeline.runtime import cache_dir
+
+    if weights is not None:
+        folder = export_dir(weights)
+        key = file_sha256(arch.__file__)[:12]  # the same weights through changed architecture code: re-export
+    else:
+        key = module_digest(model, arch.__file__)[:16]
+        folder = cache_dir() / EXPORT_DIR / f"kprpe-{size}-random"
+        folder.mkdir(parents=True, exist_ok=True)
+    example = (torch.zeros(2, 3, 112, 112), torch.full((2, 5, 2), 0.5))
+    return torch_module_onnx(model, example, folder / f"kprpe-{size}-{key}.onnx", ["image", "keypoints"])
 
 
 class ArcFaceEmbedder:
@@ -205,10 +244,12 @@ def onnx_providers(device: str) -> list[str]:
 
 
 def build_embedder(kind: str, weights: Path | None, *, shape_predictor: Path | None = None,
-                   kprpe_size: str = "base", device: str = "auto", num_threads: int | None = None) -> Embedder:
-    """Construct the configured embedder; weights are already resolved local paths."""
+                   kprpe_size: str = "base", device: str = "auto", num_threads: int | None = None,
+                   backend: str = "torch") -> Embedder:
+    """Construct the configured embedder; weights are already resolved local paths. `backend` applies to
+    KP-RPE (torch, onnxruntime, openvino); ArcFace runs on insightface's onnxruntime and dlib on dlib."""
     if kind == "kprpe":
-        return KPRPEEmbedder(weights, size=kprpe_size, device=device, num_threads=num_threads)
+        return KPRPEEmbedder(weights, size=kprpe_size, device=device, num_threads=num_threads, backend=backend)
     if kind == "arcface":
         if weights is None:
             raise StageError("the arcface embedder needs an ONNX path in faces.embedder_model")

@@ -33,6 +33,7 @@ from pipeline.faces.align import (
 )
 from pipeline.faces.detectors import DEFAULT_DETECTORS, FaceDetector
 from pipeline.faces.embedders import DEFAULT_MODELS, Embedder, FaceCrop, build_embedder, onnx_providers
+from pipeline.inference import choose_backend
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.faces import FACES
@@ -78,8 +79,22 @@ class FacesStage(ShardStage):
         self.embedder: Embedder | None = None
 
     def config_hash(self) -> str:
-        # Execution settings do not change the rows (features are batch-independent, see the tests).
-        return config_hash(self.config.model_dump(mode="json", exclude=EXECUTION_FIELDS))
+        # Execution settings do not change the rows (features are batch-independent, see the tests). The
+        # backend that will run (auto resolved) does, in the last bits: it is in the hash.
+        doc = self.config.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        doc["backend"] = self.backend_name()
+        return config_hash(doc)
+
+    def backend_name(self) -> str:
+        """The configured backend, 'auto' resolved (pipeline.inference.choose_backend)."""
+        from pipeline.runtime import has_gpu
+
+        cfg: FacesConfig = self.config
+        return choose_backend(cfg.backend, gpu=cfg.device != "cpu" and has_gpu())
+
+    def detector_backend(self) -> str:
+        # The detector is an ONNX file: its own runtime serves 'torch' too.
+        return "openvino" if self.backend_name() == "openvino" else "onnxruntime"
 
     # -- models ---------------------------------------------------------------------------------------
     def resolve_paths(self) -> tuple[Path, Path | None, Path | None]:
@@ -93,11 +108,12 @@ class FacesStage(ShardStage):
         det_path, emb_path, predictor = self.resolve_paths()
         self.detector = FaceDetector(det_path, layout=cfg.detector_layout, input_size=cfg.detector_input,
                                      nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
-                                     num_threads=cfg.num_threads)
+                                     num_threads=cfg.num_threads, backend=self.detector_backend())
         if cfg.detector == "scrfd" and self.detector.layout != "insightface":
             raise StageError(f"{det_path} has the {self.detector.layout} layout; SCRFD models use insightface's")
         self.embedder = build_embedder(cfg.embedder, emb_path, shape_predictor=predictor,
-                                       kprpe_size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads)
+                                       kprpe_size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads,
+                                       backend=self.backend_name())
 
     def _embedder_weights(self) -> Path | None:
         cfg: FacesConfig = self.config

@@ -37,6 +37,8 @@ def expand_urls(spec: str | os.PathLike | Iterable[str], split: str | None = Non
         return out
     spec = str(spec)
     scheme = urlparse(spec).scheme
+    if scheme not in _GOPEN_SCHEMES and len(scheme) > 1:
+        return _expand_remote(spec, split)
     if scheme in ("", "file") and os.path.isdir(spec.removeprefix("file://")):
         pattern = f"webbody-{split}-*.tar" if split else "*.tar"
         found = sorted(glob.glob(os.path.join(spec.removeprefix("file://"), pattern)))
@@ -49,6 +51,31 @@ def expand_urls(spec: str | os.PathLike | Iterable[str], split: str | None = Non
             raise FileNotFoundError(f"no shards match {spec}")
         return found
     return list(braceexpand.braceexpand(spec))
+
+
+def _expand_remote(spec: str, split: str | None) -> list[str]:
+    """An object-store prefix (s3://bucket/bundle: its shards, optionally one split), a glob, or a brace pattern,
+    listed through fsspec (s3fs, gcsfs, ...): one listing, no per-shard request."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    if "{" in spec:
+        return list(braceexpand.braceexpand(spec))
+    if any(ch in path for ch in "*?["):
+        found = sorted(fs.glob(path))
+    else:
+        pattern = f"webbody-{split}-" if split else ""
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            entries = []
+        names = [e["name"] for e in entries if e.get("type") == "file"]
+        found = sorted(n for n in names if n.endswith(".tar") and os.path.basename(n).startswith(pattern))
+        if not found and fs.isfile(path):
+            found = [path]
+    if not found:
+        raise FileNotFoundError(f"no shards at {spec}" + (f" for split {split!r}" if split else ""))
+    return [fs.unstrip_protocol(p) for p in found]
 
 
 def open_url(url: str):

@@ -1,0 +1,407 @@
+"""Compiled inference backends for the model stages: torch, ONNX Runtime, OpenVINO.
+
+A model stage names `backend: auto | torch | onnxruntime | openvino` in its config section. `auto` takes the
+fastest backend that is installed and correct on this machine (`choose_backend`): on CPU OpenVINO, then ONNX
+Runtime, then torch; with a GPU, ONNX Runtime's TensorRT/CUDA execution providers when onnxruntime has them,
+else torch on CUDA. The chosen backend is part of the stage's config hash (outputs may differ in the last bits
+between backends), so a run never mixes rows of two backends.
+
+Graphs are exported once from the trusted checkpoint with the libraries' own exporters (Ultralytics `export`
+for YOLO, `torch.onnx.export` for torch modules), written next to the weights under `exported/<stem>-<sha>/`
+(sha = the first 16 hex digits of the checkpoint's sha256, so a changed checkpoint never reuses a stale graph),
+and reused; `webbody models export` makes them ahead of a run. OpenVINO reads the same ONNX file through its
+runtime `Core` (never the `ovc` converter tool, which carries OpenVINO's telemetry) and caches the IR beside it.
+
+Pre- and post-processing of YOLO pose stays Ultralytics' own code (`LetterBox`, `nms.non_max_suppression`,
+`ops.scale_boxes`, `ops.scale_coords`), called the way its predictor calls them, so a compiled backend returns
+the same persons as `YOLO.predict`; only the network runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.stage import StageError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+CHOICES = ("auto", *BACKENDS)
+EXPORT_DIR = "exported"
+
+_lock = threading.Lock()
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+# -- choosing ---------------------------------------------------------------------------------------------
+def installed_backends() -> list[str]:
+    """The backends whose runtime imports here, in BACKENDS order."""
+    import importlib.util
+
+    out = ["torch"]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        out.append("onnxruntime")
+    if importlib.util.find_spec("openvino") is not None:
+        out.append("openvino")
+    return out
+
+
+def gpu_providers() -> list[str]:
+    """ONNX Runtime's GPU execution providers available here, best first (TensorRT, then CUDA)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    have = set(ort.get_available_providers())
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+
+
+def choose_backend(requested: str, gpu: bool = False) -> str:
+    """The backend to run: `requested` itself (checked installed), or for 'auto' the fastest one here."""
+    name = (requested or "auto").strip().lower()
+    if name not in CHOICES:
+        raise StageError(f"backend '{requested}' not understood: choose one of {', '.join(CHOICES)}")
+    have = installed_backends()
+    if name != "auto":
+        if name not in have:
+            raise StageError(f"backend '{name}' is not installed here (installed: {', '.join(have)})")
+        return name
+    if gpu:
+        return "onnxruntime" if gpu_providers() else "torch"
+    # Measured on CPU (benchmarks/persons.py, docs/benchmarks.md): OpenVINO > ONNX Runtime > torch.
+    for candidate in ("openvino", "onnxruntime"):
+        if candidate in have:
+            return candidate
+    return "torch"
+
+
+# -- cache of exported graphs ---------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) for this process."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _lock:
+        if key in _digests:
+            return _digests[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _lock:
+        _digests[key] = digest
+    return digest
+
+
+def export_dir(weights: str | os.PathLike) -> Path:
+    """Where graphs exported from `weights` live: next to it, else (read-only folder) in the cache directory."""
+    w = Path(weights)
+    name = f"{w.stem}-{file_sha256(w)[:16]}"
+    beside = w.parent / EXPORT_DIR / name
+    try:
+        beside.mkdir(parents=True, exist_ok=True)
+        if os.access(beside, os.W_OK):
+            return beside
+    except OSError:
+        pass
+    from pipeline.runtime import cache_dir
+
+    fallback = cache_dir() / EXPORT_DIR / name
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def cached(target: Path, make: Callable[[Path], None]) -> Path:
+    """`target` if present, else `make(tmp_dir)` writes it into a private temp dir and it is moved into place.
+
+    A file lock serialises concurrent exporters (several actors starting at once); the move is atomic, so a
+    reader never sees half a file.
+    """
+    from filelock import FileLock
+
+    if target.is_file():
+        return target
+    with FileLock(str(target) + ".lock"):
+        if target.is_file():
+            return target
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=target.parent) as tmp:
+            make(Path(tmp))
+            produced = Path(tmp) / target.name
+            if not produced.is_file():
+                raise StageError(f"export of {target.name} produced no file")
+            for extra in Path(tmp).iterdir():  # side files (an IR's .bin, metadata) go first
+                if extra.name != target.name:
+                    os.replace(extra, target.parent / extra.name)
+            os.replace(produced, target)
+    return target
+
+
+def openvino_ir(onnx_path: str | os.PathLike) -> Path:
+    """The OpenVINO IR (.xml + .bin, float32) of an ONNX file, made once by OpenVINO's runtime: beside a graph
+    we exported, in the `exported/` folder of a user's ONNX weight file."""
+    onnx_path = Path(onnx_path)
+    if onnx_path.parent.parent.name == EXPORT_DIR:
+        target = onnx_path.with_suffix(".xml")
+    else:
+        target = export_dir(onnx_path) / (onnx_path.stem + ".xml")
+
+    def make(tmp: Path) -> None:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(onnx_path))
+        # save_model first writes the .bin, then the .xml: `cached` moves the .bin into place before the .xml.
+        ov.save_model(model, str(tmp / target.name), compress_to_fp16=False)
+
+    return cached(target, make)
+
+
+# -- runners: one call = one batch through the network -----------------------------------------------------
+class OnnxRunner:
+    """An ONNX Runtime session: numpy in, list of numpy outputs out."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, gpu: bool = False):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = [*gpu_providers(), "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for a bad file
+            raise StageError(f"{path} is not a loadable ONNX model: {exc}") from exc
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.inputs, arrays)))
+
+
+class OpenVINORunner:
+    """An OpenVINO compiled model (CPU, float32, latency hint, our thread count)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, gpu: bool = False):
+        import openvino as ov
+
+        core = ov.Core()
+        device = "GPU" if gpu and "GPU" in core.available_devices else "CPU"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device == "CPU":
+            # f32 on purpose: bf16 on CPUs with AMX would change the answers beyond the tests' tolerances.
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with C++ messages
+            raise StageError(f"OpenVINO could not load {path}: {exc}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.n_inputs = len(self.compiled.inputs)
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        result = self.request.infer({i: np.ascontiguousarray(a) for i, a in enumerate(arrays[: self.n_inputs])})
+        return [np.array(result[o]) for o in self.compiled.outputs]
+
+
+def make_runner(backend: str, onnx_path: Path, threads: int | None = None, gpu: bool = False):
+    """A runner for an exported ONNX graph on `backend` ('onnxruntime' or 'openvino')."""
+    if backend == "onnxruntime":
+        return OnnxRunner(onnx_path, threads=threads, gpu=gpu)
+    if backend == "openvino":
+        return OpenVINORunner(openvino_ir(onnx_path), threads=threads, gpu=gpu)
+    raise StageError(f"no compiled runner for backend '{backend}'")
+
+
+# -- YOLO pose --------------------------------------------------------------------------------------------
+@dataclass
+class PoseDetections:
+    """One image's persons, in its own pixels: boxes (N, 4) x1y1x2y2, scores (N,), keypoints (N, 17, 3)."""
+
+    xyxy: np.ndarray
+    conf: np.ndarray
+    keypoints: np.ndarray
+
+
+def yolo_pose_onnx(weights: str | os.PathLike, imgsz: int) -> Path:
+    """The ONNX graph (dynamic batch and size) of a YOLO pose checkpoint, exported once by Ultralytics.
+
+    The checkpoint is loaded through `pipeline.persons.load_pose_model` (restricted, weights-only), then
+    Ultralytics' own `export` writes the graph; its metadata (stride, names, keypoint shape) goes beside it.
+    """
+    from pipeline.persons import ARCH_SUFFIXES, load_pose_model
+
+    src = Path(weights)
+    random_init = str(weights).endswith(ARCH_SUFFIXES)
+    if random_init:  # an architecture yaml (random weights, seeded): keyed by name and Ultralytics version
+        import ultralytics
+
+        from pipeline.runtime import cache_dir
+
+        folder = cache_dir() / EXPORT_DIR / f"{src.stem}-random-ultralytics{ultralytics.__version__}"
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = export_dir(src)
+    target = folder / f"pose-{int(imgsz)}.onnx"
+
+    def make(tmp: Path) -> None:
+        if random_init:
+            model = load_pose_model(str(weights))
+        else:
+            copy = tmp / src.name  # Ultralytics writes the export next to the file it loaded
+            shutil.copyfile(src, copy)
+            model = load_pose_model(str(copy))
+        meta = {"stride": int(max(model.model.stride.tolist())), "names": {int(k): v for k, v in model.names.items()},
+                "kpt_shape": list(model.model.kpt_shape), "end2end": bool(getattr(model.model, "end2end", False)),
+                "imgsz": int(imgsz), "source": str(weights) if random_init else file_sha256(src)}
+        out = Path(model.export(format="onnx", dynamic=True, imgsz=int(imgsz), simplify=False, verbose=False))
+        os.replace(out, tmp / target.name)
+        for leftover in tmp.iterdir():  # the checkpoint copy
+            if leftover.suffix == ".pt":
+                leftover.unlink()
+        (tmp / (target.stem + ".json")).write_text(json.dumps(meta))
+
+    return cached(target, make)
+
+
+class CompiledPose:
+    """A YOLO pose network on ONNX Runtime or OpenVINO, with Ultralytics' pre- and post-processing."""
+
+    def __init__(self, weights: str | os.PathLike, backend: str, imgsz: int, threads: int | None = None,
+                 gpu: bool = False):
+        onnx_path = yolo_pose_onnx(weights, imgsz)
+        meta = json.loads(onnx_path.with_suffix(".json").read_text())
+        self.stride = int(meta["stride"])
+        self.nc = len(meta["names"])
+        self.kpt_shape = tuple(meta["kpt_shape"])
+        self.end2end = bool(meta["end2end"])
+        self.imgsz = int(imgsz)
+        self.backend = backend
+        self.runner = make_runner(backend, onnx_path, threads=threads, gpu=gpu)
+
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        """BGR uint8 images -> (B, 3, H, W) float32 RGB in [0, 1], letterboxed as Ultralytics' predictor does
+        for a dynamic-shape model (minimum rectangle when all images share a shape, else the square)."""
+        from ultralytics.data.augment import LetterBox
+
+        same = len({im.shape for im in images}) == 1
+        box = LetterBox((self.imgsz, self.imgsz), auto=same, stride=self.stride)
+        x = np.stack([box(image=im) for im in images])
+        x = x[..., ::-1].transpose(0, 3, 1, 2)  # BGR->RGB, BHWC->BCHW
+        return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
+
+    def predict(self, images: list[np.ndarray], conf: float, iou: float, max_det: int) -> list[PoseDetections]:
+        import torch
+        from ultralytics.utils import nms, ops
+
+        if not images:
+            return []
+        x = self.preprocess(images)
+        raw = self.runner(x)[0]
+        preds = nms.non_max_suppression(torch.from_numpy(raw), conf, iou, None, False, max_det=max_det,
+                                        nc=self.nc, end2end=self.end2end)
+        out = []
+        for pred, im in zip(preds, images):
+            boxes = ops.scale_boxes(x.shape[2:], pred[:, :4].clone(), im.shape)
+            kpts = ops.scale_coords(x.shape[2:], pred[:, 6:].reshape(len(pred), *self.kpt_shape).clone(), im.shape)
+            out.append(PoseDetections(boxes.numpy().astype(np.float64), pred[:, 4].numpy().astype(np.float64),
+                                      kpts.numpy().astype(np.float64)))
+        return out
+
+
+def ultralytics_detections(results: list[Any]) -> list[PoseDetections]:
+    """Ultralytics `Results` of a pose predict -> PoseDetections (same fields as CompiledPose returns)."""
+    out = []
+    for r in results:
+        if r.boxes is None or len(r.boxes) == 0:
+            out.append(PoseDetections(np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 17, 3))))
+            continue
+        out.append(PoseDetections(r.boxes.xyxy.cpu().numpy().astype(np.float64),
+                                  r.boxes.conf.cpu().numpy().astype(np.float64),
+                                  r.keypoints.data.cpu().numpy().astype(np.float64)))
+    return out
+
+
+# -- torch modules (KP-RPE) -------------------------------------------------------------------------------
+def module_digest(module: Any, *code_files: str | os.PathLike) -> str:
+    """sha256 over a module's state dict (names, shapes, bytes) and the source of its architecture code."""
+    import torch
+
+    h = hashlib.sha256()
+    for f in code_files:
+        h.update(Path(f).read_bytes())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def torch_module_onnx(module: Any, example: tuple[Any, ...], target: Path, input_names: list[str],
+                      dynamic_batch: bool = True) -> Path:
+    """Export a torch module once with torch.onnx (dynamic batch on every input and output) to `target`."""
+
+    def make(tmp: Path) -> None:
+        import torch
+
+        axes = {n: {0: "batch"} for n in [*input_names, "output"]} if dynamic_batch else None
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about the model's own shape checks (constant for a traced graph) and about the
+            # TorchScript exporter being the legacy one; the graph is checked against torch in the tests.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), example, str(tmp / target.name), input_names=input_names,
+                              output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
+
+    return cached(target, make)
+
+
+# -- `webbody models export` --------------------------------------------------------------------------------
+def export_models(cfg: Any, backends: list[str] | None = None) -> list[dict]:
+    """Export the build's persons and faces models for `backends` (default: each stage's configured one, 'auto'
+    resolved) ahead of a run; returns one record per graph made or found in the cache."""
+    from pipeline.faces import FacesStage
+    from pipeline.faces.embedders import kprpe_onnx
+    from pipeline.persons import PersonsStage, export_pose_model, resolve_model
+
+    done: list[dict] = []
+    persons = PersonsStage(cfg.persons)
+    source = resolve_model(cfg.persons.model)
+    for b in backends or [persons.backend_name()]:
+        if choose_backend(b) != "torch":
+            done.append({"stage": "persons", "backend": b, "model": source,
+                         "graph": str(export_pose_model(source, cfg.persons.imgsz, b))})
+    faces = FacesStage(cfg.faces)
+    det, emb, _ = faces.resolve_paths()
+    for b in backends or [faces.backend_name()]:
+        if choose_backend(b) == "openvino":
+            done.append({"stage": "faces", "backend": b, "model": str(det), "graph": str(openvino_ir(det))})
+        if cfg.faces.embedder == "kprpe" and choose_backend(b) != "torch":
+            import torch
+
+            from sapiensid.kprpe_face import build_kprpe_face_vit, load_kprpe_face_weights
+
+            if emb is None:
+                torch.manual_seed(0)  # random weights, as KPRPEEmbedder makes them (tests, benchmarks)
+            model = build_kprpe_face_vit(cfg.faces.kprpe_size)
+            if emb is not None:
+                load_kprpe_face_weights(model, emb)
+            graph = kprpe_onnx(model, emb, cfg.faces.kprpe_size)
+            if b == "openvino":
+                graph = openvino_ir(graph)
+            done.append({"stage": "faces", "backend": b, "model": str(emb or "random"), "graph": str(graph)})
+    return done

@@ -45,24 +45,29 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = load_build_config(args.config, args.ray_address, _parse_overrides(args.set))
     spec = get_stage(args.name)
-    inp = Path(args.input) if args.input else None
+    from pipeline import storage
+
+    # --input/--output are paths or storage URIs (s3://...): kept as strings, resolved by pipeline.storage.
+    inp = args.input or None
     if spec.needs and inp is None:
         raise SystemExit(f"error: stage '{args.name}' needs --input (the output of '{spec.needs[0]}')")
     if len(spec.needs) == 1:
         inputs = {spec.needs[0]: inp}
     else:  # multi-input stages take a build directory holding each needed stage's folder
-        inputs = {n: inp / n for n in spec.needs}
-    stats = run_stage(args.name, cfg, inputs, Path(args.output), overwrite=args.overwrite)
+        inputs = {n: storage.join(inp, n) for n in spec.needs}
+    stats = run_stage(args.name, cfg, inputs, args.output, overwrite=args.overwrite)
     print(json.dumps(stats, indent=2))
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
-    path = root / "stats.json"
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found: is {root} a build or stage output directory?")
-    stats = json.loads(path.read_text())
+    from pipeline import storage
+
+    path = storage.join(args.dir, "stats.json")
+    if not storage.exists(path):
+        raise SystemExit(f"error: {storage.display(path)} not found: is {storage.display(args.dir)} a build or "
+                         "stage output directory?")
+    stats = storage.get_json(path)
     if "stages" in stats:
         print(f"{'stage':<10} {'in':>9} {'out':>9}  drops")
         for s in stats["stages"]:

@@ -1,6 +1,6 @@
 """Build configuration: one pydantic model per stage, composed into `BuildConfig` and read from YAML.
 
-Defaults are the paper's (docs/official-reference: WebBody steps a-j). A wrong type or an unknown key is
+Defaults are the paper's (docs/official-pipeline.md, section 1: WebBody steps a-j). A wrong type or an unknown key is
 a clear error naming the field, before anything runs.
 """
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -86,6 +87,22 @@ def choose_backend(requested: str, gpu: bool = False) -> str:
         if candidate in have:
             return candidate
     return "torch"
+
+
+def import_openvino():
+    """`import openvino` with its telemetry off.
+
+    Importing openvino imports its `ovc` converter, which creates an `openvino_telemetry.Telemetry` at import
+    and sends usage events unless the user opted out in their home folder. When `openvino_telemetry` cannot be
+    imported, openvino falls back to its own no-op stub (`openvino.tools.ovc.telemetry_stub`): we make it
+    unimportable for this process before openvino's first import. (If something imported openvino earlier,
+    its choice stands; the stage never calls the converter itself.)
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type] - None = "not importable"
+    import openvino
+
+    return openvino
 
 
 # -- cache of exported graphs ---------------------------------------------------------------------------
@@ -160,8 +177,7 @@ def openvino_ir(onnx_path: str | os.PathLike) -> Path:
         target = export_dir(onnx_path) / (onnx_path.stem + ".xml")
 
     def make(tmp: Path) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         model = ov.Core().read_model(str(onnx_path))
         # save_model first writes the .bin, then the .xml: `cached` moves the .bin into place before the .xml.
         ov.save_model(model, str(tmp / target.name), compress_to_fp16=False)
@@ -196,8 +212,7 @@ class OpenVINORunner:
     """An OpenVINO compiled model (CPU, float32, latency hint, our thread count)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, gpu: bool = False):
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         device = "GPU" if gpu and "GPU" in core.available_devices else "CPU"
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}

@@ -1,6 +1,6 @@
 """CVLface ViT with KP-RPE (keypoint relative position encoding) face recognition model.
 
-Architecture of ``v1_base_kprpe_splithead_unshared`` (official-reference section 4):
+Architecture of ``v1_base_kprpe_splithead_unshared`` (docs/official-pipeline.md section 4):
 
 * 112x112 RGB in [-1, 1] -> conv patch embed 8x8 -> 14x14 = 196 tokens + learnable absolute PE, no CLS;
 * 24 pre-LN blocks (dim 512, 16 heads, MLP x3 ReLU6, qkv without bias, drop-path 0.1);

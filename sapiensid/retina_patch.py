@@ -1,6 +1,6 @@
 """Retina Patch: multi-scale patch candidates from three ROIs (whole image, upper torso, face).
 
-For each sample (official-reference 2.5):
+For each sample (docs/official-pipeline.md 2.5):
 
 1. Boxes are snapped to patch borders: the torso box to the whole-image ``g x g`` grid, the face box
    to the torso box's ``g x g`` grid (snapping only enlarges).

@@ -113,13 +113,14 @@ def test_bundle_roles_take_precedence_over_the_fallback():
     assert roles.notes["identities_without_pair"] == 1 and 5 in roles.gallery  # a singleton is a distractor
 
 
+@pytest.mark.slow
 def test_streamed_evaluation_keeps_no_images(tmp_path, tiny_model):
-    """Python-heap peak (numpy buffers are traced) while evaluating 60 vs 240 samples of 384 px: holding the
-    decoded images would add 180 x 442 KB = 80 MB; streaming keeps one batch plus N x 128 floats."""
+    """Python-heap peak (numpy buffers are traced) while evaluating 24 vs 96 samples of 384 px: holding the
+    decoded images would add 72 x 442 KB = 32 MB; streaming keeps one batch plus N x 128 floats."""
     import tracemalloc
 
-    few = write_shards(tmp_path / "few", n_identities=6, per_identity=10, split="test", samples_per_shard=30)
-    many = write_shards(tmp_path / "many", n_identities=6, per_identity=40, split="test", samples_per_shard=60)
+    few = write_shards(tmp_path / "few", n_identities=6, per_identity=4, split="test", samples_per_shard=12)
+    many = write_shards(tmp_path / "many", n_identities=6, per_identity=16, split="test", samples_per_shard=48)
     dev = torch.device("cpu")
     peaks = {}
     for name, urls in (("few", few), ("many", many)):

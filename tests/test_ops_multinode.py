@@ -101,12 +101,13 @@ def test_node_killed_during_model_stage(cluster, tmp_path):
         # Wait until the stage is well under way (a shard committed), then remove, without grace, a
         # worker node that hosts one of the stage's actors.
         deadline = time.monotonic() + 120
-        while not out.done_ids() and time.monotonic() < deadline:
+        # (refresh: the workers commit in other processes; a DatasetDir's listing is a snapshot)
+        while not out.refresh().done_ids() and time.monotonic() < deadline:
             time.sleep(0.05)
         used = _nodes_used(probe)
         for node in workers:
             if node.node_id in used:
-                killed["done_before"] = list(out.done_ids())
+                killed["done_before"] = list(out.refresh().done_ids())
                 c.remove_node(node, allow_graceful=False)
                 killed["node"] = node.node_id
                 return

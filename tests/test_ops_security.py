@@ -83,8 +83,6 @@ def test_no_unsafe_deserialisers_in_library_code():
     assert bad == [], "unsafe deserialisation: " + ", ".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="flows/train.py pose_keypoint_fn calls YOLO(path) directly (a full unpickle); "
-                   "it should use pipeline.persons.load_pose_model, the restricted loader. Remove this mark then.")
 def test_pose_models_load_only_through_the_restricted_loader():
     """`YOLO(path)` unpickles a checkpoint fully; the one place that may call it is pipeline/persons.py's
     `load_pose_model`, which wraps it in Ultralytics' weights-only load (tests/test_persons.py)."""

@@ -129,18 +129,25 @@ def _one_detection_per_photo(state: CleanState) -> int:
     """Keep, for each photo in an identity, the detection closest to the identity's mean face
     (ties: higher face score, then person_id order); the others are `same_photo`.
 
-    One pass over the kept rows (O(N log N)): the mean faces of every identity come from one grouped sum.
+    Linear in the kept rows (a bincount of photos and a lookup of identities), then sorts only the rows of
+    identities holding a repeated photo; their mean faces come from one grouped sum.
     """
     rows = np.flatnonzero(state.kept())
     if len(rows) < 2:
         return 0
-    key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows]
-    uniq, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    # Linear pre-filter: only photos with two or more kept rows can repeat inside an identity.
+    many = np.bincount(state.photo[rows], minlength=int(state.photo.max()) + 1)[state.photo[rows]] > 1
+    cand = rows[many]
+    if not len(cand):
+        return 0
+    key = state.ident[cand] * (int(state.photo.max()) + 1) + state.photo[cand]
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     if counts.max() < 2:
         return 0
-    # Only identities holding a repeated photo need their mean face.
-    dup_ident = np.unique(state.ident[rows][counts[inverse] > 1])
-    rows = rows[np.isin(state.ident[rows], dup_ident)]
+    # Only identities holding a repeated photo need their mean face (a lookup table: linear in rows).
+    marked = np.zeros(max(len(state.names), int(state.ident.max()) + 1), dtype=bool)
+    marked[state.ident[cand][counts[inverse] > 1]] = True
+    rows = rows[marked[state.ident[rows]]]
     key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows]
     ids, local = np.unique(state.ident[rows], return_inverse=True)
     f = normalise(state.feats[rows])

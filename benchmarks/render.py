@@ -140,6 +140,10 @@ def render_key(key: str, results: Path = RESULTS) -> str:
     if key == "headlines":
         return render_headlines(results)
     name, _, path = key.partition(":")
+    if not (results / f"{name}.json").exists():
+        # A section written before its result file is committed shows no figure (and goes stale, for
+        # --check, as soon as the file arrives).
+        return f"(`benchmarks/results/{name}.json` is not committed yet: no figures.)\n"
     return render_table(name, path, results) if path else render_one(name, results)
 
 

@@ -164,6 +164,12 @@ def test_render_fills_blocks_from_json_and_check_catches_a_stale_doc(tmp_path):
     assert render.render_doc(doc.read_text(), res).count("**not met**") == 1
 
 
+def test_render_shows_no_figure_for_a_missing_result_file(tmp_path):
+    res = _results(tmp_path, 2.0)
+    text = render.render_doc("<!-- results:absent -->\nold 1.23\n<!-- /results:absent -->\n", res)
+    assert "not committed yet" in text and "1.23" not in text
+
+
 def test_render_refuses_an_unclosed_marker(tmp_path):
     res = _results(tmp_path, 2.0)
     doc = tmp_path / "doc.md"

@@ -213,8 +213,10 @@ class StreamLoader:
         for s in range(self.streams):
             ds = ShardStream(self.spec, s, self.streams, self.rank, self.world, self.positions[s])
             if self.workers > 0:
+                # forkserver, not fork: the trainer's process may already run native threads (Ray's gRPC,
+                # fsspec's IO loop, OpenVINO/TBB pools), and forking such a process can abort it.
                 dl = DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=self.prefetch,
-                                persistent_workers=False)
+                                persistent_workers=False, multiprocessing_context="forkserver")
                 self._iters.append(iter(dl))
             else:
                 self._iters.append(iter(ds))

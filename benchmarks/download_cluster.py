@@ -176,7 +176,7 @@ def raylet_pids(cluster) -> set[int]:
     return pids
 
 
-def start_cluster(cluster_cls, attempts: int = 3):
+def start_cluster(cluster_cls, attempts: int = 6):
     """Head (num_cpus=0) + 3 x 2-CPU workers. Ray gives a node 30 s to register (hard-coded); on this shared
     machine at load 15+ that sometimes fails, so the whole cluster start is tried again."""
     for attempt in range(1, attempts + 1):

@@ -238,6 +238,10 @@ class BuildConfig(_Strict):
     faces: FacesConfig = Field(default_factory=FacesConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
+    # User stages (pipeline/registry.py): modules imported before the build, each registering its stages, and
+    # each such stage's settings under its name (validated by the section model it registered).
+    plugins: list[str] = Field(default_factory=list)
+    extensions: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

@@ -144,9 +144,11 @@ class FacesConfig(_Strict):
     detector_input: int = Field(160, ge=32)  # square side the pre-crop is resized to (fixed-size models: theirs)
     detector_nms: float = Field(0.4, ge=0, le=1)
     min_detector_score: float = Field(0.0, ge=0, le=1)  # official: best box kept whatever its score; clean filters
-    embedder: Literal["kprpe", "arcface", "dlib"] = "kprpe"
-    # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
-    # weights for tests and benchmarks.
+    # A registered embedder (pipeline/faces/embedders.py: kprpe, arcface, dlib, or one from `plugins`); an
+    # unknown name fails on the driver before any worker starts.
+    embedder: str = "kprpe"
+    # None = the embedder's registered default weights; "random" (kprpe only) = random weights for tests and
+    # benchmarks.
     embedder_model: str | None = None
     # Inference backend of the detector and the KP-RPE embedder (pipeline/inference.py); auto = the fastest
     # installed here (dlib and insightface's ArcFace keep their own runtimes). Part of the config hash.
@@ -181,8 +183,8 @@ class EmbedderThresholds(_Strict):
 
 
 class CleanConfig(_Strict):
-    # Per embedder name (kprpe|arcface|dlib); an embedder missing here uses DEFAULT_THRESHOLDS of
-    # pipeline/faces/embedders.py, then the official kprpe values.
+    # Per embedder name; an embedder missing here uses the thresholds it registered with
+    # (pipeline/faces/embedders.py), then the official kprpe values.
     thresholds: dict[str, EmbedderThresholds] = Field(default_factory=dict)
     top_k_clusters: int = Field(1, ge=1)  # largest DBSCAN clusters kept per name, each its own identity
     face_score: float = Field(0.95, ge=0, le=1)  # kept if score > this

@@ -193,7 +193,7 @@ def test_missing_weights_name_the_file_and_where(tmp_path, monkeypatch):
     cfg = FacesConfig(detector_model=str(asset_path("retinaface_mnet025.onnx")), embedder="kprpe")
     with pytest.raises(StageError, match="cvlface_adaface_vit_base_kprpe_webface12m"):
         FacesStage(cfg).setup()
-    with pytest.raises(StageError, match="only for the kprpe"):
+    with pytest.raises(StageError, match="random.*not allowed for the dlib"):
         FacesStage(FacesConfig(detector_model="retinaface_mnet025.onnx", embedder="dlib",
                                embedder_model="random")).setup()
 

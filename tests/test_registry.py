@@ -77,3 +77,45 @@ def test_registry_errors(tmp_path, toy_registered):
     with pytest.raises(StageError, match="built in"):
         registry.unregister_stage("clean")
     assert registry.stage_names()[:1] == ["query"] and "url_hosts" in registry.stage_names()
+
+
+def test_user_embedder_runs_faces_and_clean_reads_its_thresholds(tmp_path):
+    """A toy embedder registered from tests/toy_embedder.py through `plugins`: the faces stage builds it, writes
+    its name and 64-d features, and clean takes the thresholds it registered with (no faces-module constant)."""
+    from pipeline.clean.select import resolve_thresholds
+    from pipeline.faces.embedders import EMBEDDERS
+    from pipeline.shards import DatasetDir
+    from tests.faces_support import load_rgb, person_row, write_persons
+
+    rows = [person_row(p.split(".")[0], load_rgb(p, width=320), label="Ann")
+            for p in ("obama.jpg", "obama2.jpg", "biden.jpg")]
+    write_persons(tmp_path / "persons", [rows])
+    cfg = BuildConfig.model_validate({
+        "run": {"executor": "local"}, "plugins": ["tests.toy_embedder"],
+        "faces": {"detector_model": "retinaface_mnet025.onnx", "embedder": "grey8", "batch_size": 4},
+        "clean": {"min_images": 1}})
+    assert "grey8" not in EMBEDDERS  # registered by the config's plugins only
+    try:
+        stats = registry.run_stage("faces", cfg, {"persons": tmp_path / "persons"}, tmp_path / "faces")
+        assert stats["rows_out"] == 3
+        table = pq.read_table(DatasetDir(tmp_path / "faces").parquet("00000"))
+        assert set(table.column("embedder").to_pylist()) == {"grey8"}
+        assert resolve_thresholds(cfg.clean, "grey8").merge == 0.995
+        clean = registry.run_stage("clean", cfg, {"faces": tmp_path / "faces", "persons": tmp_path / "persons"},
+                                   tmp_path / "clean")
+        from tests import toy_embedder  # imported by the plugins list already: this only names it
+
+        assert clean["rows_in"] == 3 and clean["complete"] and clean["embedder"] == "grey8"
+        assert clean["thresholds"] == toy_embedder.THRESHOLDS  # from the entry, not from a faces constant
+        # min_samples 1: three singleton clusters of three photos tie, so the name yields nothing (docs/clean.md)
+        assert clean["drops"] == {"ambiguous_name": 3}
+        with pytest.raises(StageError, match="already registered"):
+            from pipeline.faces.embedders import register_embedder
+
+            register_embedder("grey8", default_weights=None, thresholds={})(lambda *a: None)
+        with pytest.raises(StageError, match="unknown face embedder 'nope'"):
+            registry.run_stage("faces", cfg.model_copy(update={"faces": cfg.faces.model_copy(
+                update={"embedder": "nope"})}), {"persons": tmp_path / "persons"}, tmp_path / "faces2")
+    finally:
+        EMBEDDERS.pop("grey8", None)
+        sys.modules.pop("tests.toy_embedder", None)

@@ -195,7 +195,7 @@ def merge_from_centers(names_out: DatasetDir, cfg: CleanConfig, embedder: str | 
     names, sums, counts = gather_centers(names_out)
     if not names:
         return {}, set(), {"merge_rounds": 0, "identities_merged_away": 0, "ambiguous_pairs": 0,
-                           "ambiguous_identities_dropped": 0}
+                           "ambiguous_identities_dropped": 0, "ambiguous_images_dropped": 0}
     return merge_centers(names, sums, counts, thr.merge, thr.ambiguous, cfg.block_size)
 
 

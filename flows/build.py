@@ -78,11 +78,9 @@ def finish_build(output: str, names: list[str]) -> dict:
 
 
 def _verify_and_report(output: str) -> dict:
-    try:
-        from pipeline.bundle.report import write_report
-        from pipeline.bundle.verify import verify_bundle
-    except ImportError:  # bundle tooling not present in this checkout
-        return {}
+    from pipeline.bundle.report import write_report
+    from pipeline.bundle.verify import verify_bundle
+
     bundle = storage.join(output, "bundle")
     local = storage.is_local(output)
     problems = verify_bundle(Path(bundle) if local else bundle)

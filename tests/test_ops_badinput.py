@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.security import scan_for_secrets
+from tests.secret_scan import scan_for_secrets
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
 from tests.faults import subprocess_env

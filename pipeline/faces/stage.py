@@ -37,6 +37,7 @@ from pipeline.inference import choose_backend
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.faces import FACES
+from schemas.persons import PERSONS
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ log = logging.getLogger(__name__)
 # Left out of the output's config hash: they change speed, not rows (GPU numerics aside).
 EXECUTION_FIELDS = {"batch_size", "device", "num_threads"}
 INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
-
-
-def _persons_schema():
-    try:
-        from schemas.persons import PERSONS
-    except ImportError:  # the persons schema lands separately; the column check in process() still applies
-        return None
-    return PERSONS
 
 
 @dataclass
@@ -68,7 +61,7 @@ class _Prepared:
 
 class FacesStage(ShardStage):
     name: ClassVar[str] = "faces"
-    input_schema = _persons_schema()
+    input_schema = PERSONS
     output_schema = FACES
     sort_keys = ("person_id",)
     uses_model = True

@@ -228,6 +228,9 @@ class Trainer:
         if keep == "default":
             keep = default_keep_count(self.model_cfg.n_candidates, self.model_cfg.mask_ratio)
         self.keep_tokens: int | None = None if keep is None else int(keep)
+        # the model's own keep count is the fallback of every forward without n_keep: None must reach it too,
+        # or keep_tokens=None would leave the preset's default MRM on
+        self.model.set_keep_tokens(self.keep_tokens)
         variable = None
         if cfg.variable_masking:
             if self.keep_tokens is None:

@@ -30,6 +30,7 @@ from pipeline.inference import (
     PoseDetections,
     choose_backend,
     ultralytics_detections,
+    worker_threads,
     yolo_pose_onnx,
 )
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
@@ -281,26 +282,23 @@ def export_pose_model(source: str, imgsz: int, backend: str) -> Path:
 
 
 def executor_for(cfg: BuildConfig):
-    """The build's executor, with the persons section's actor settings where given."""
+    """The build's executor, with the persons section's actor settings where given (else the run section's)."""
     from pipeline.executors import make_executor
+    from pipeline.registry import ray_executor_options
 
     if cfg.run.executor == "local":
         return make_executor("local")
     p = cfg.persons
-    return make_executor(
-        "ray",
-        num_actors=p.num_actors or cfg.run.num_actors,
-        actor_cpus=p.actor_cpus if p.actor_cpus is not None else cfg.run.actor_cpus,
-        actor_gpus=p.actor_gpus if p.actor_gpus is not None else cfg.run.actor_gpus,
-        address=cfg.run.ray_address,
-    )
+    return make_executor("ray", **ray_executor_options(cfg, num_actors=p.num_actors, actor_cpus=p.actor_cpus,
+                                                       actor_gpus=p.actor_gpus))
 
 
 def threads_per_worker(cfg: BuildConfig) -> int:
+    """torch/runtime threads of one persons worker: `persons.threads`, else the worker's share of the cores
+    (pipeline.inference.worker_threads), with the persons section's pool settings overriding the run's."""
     if cfg.persons.threads:
         return cfg.persons.threads
-    actors = 1 if cfg.run.executor == "local" else (cfg.persons.num_actors or cfg.run.num_actors)
-    return max(1, (os.cpu_count() or 1) // actors)
+    return worker_threads(cfg, num_actors=cfg.persons.num_actors, actor_cpus=cfg.persons.actor_cpus)
 
 
 def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:

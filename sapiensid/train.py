@@ -228,6 +228,9 @@ class Trainer:
         if keep == "default":
             keep = default_keep_count(self.model_cfg.n_candidates, self.model_cfg.mask_ratio)
         self.keep_tokens: int | None = None if keep is None else int(keep)
+        # the model's own keep count is the fallback of every forward without n_keep: None must reach it too,
+        # or keep_tokens=None would leave the preset's default MRM on
+        self.model.set_keep_tokens(self.keep_tokens)
         variable = None
         if cfg.variable_masking:
             if self.keep_tokens is None:
@@ -393,17 +396,21 @@ class Trainer:
         return summary
 
 
-def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SapiensID:
-    """A SapiensID model from a training checkpoint directory (step_*/ or a run dir: its latest) or model.pt."""
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The model file a checkpoint path names: a run dir -> its latest finished ``checkpoints/step_*/model.pt``;
+    a ``step_*`` (or any) dir -> its ``model.pt``; a file -> itself. A run dir with no finished step is an error."""
     path = Path(checkpoint)
     if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
         done = finished_checkpoints(path / CHECKPOINT_DIR)
         if not done:
             raise FileNotFoundError(f"no finished checkpoint under {path / CHECKPOINT_DIR}")
         path = done[-1]
-    if path.is_dir():
-        path = path / "model.pt"
-    state = torch.load(path, map_location=device, weights_only=True)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SapiensID:
+    """A SapiensID model from a training checkpoint directory (step_*/ or a run dir: its latest) or model.pt."""
+    state = torch.load(resolve_checkpoint(checkpoint), map_location=device, weights_only=True)
     model = SapiensID(SapiensIDConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -79,6 +79,27 @@ def load_valsets(paths: list[str], embedder: str, dim: int) -> list[ValSet]:
     return sets
 
 
+def overlap_verdicts(state: CleanState, valsets: list[ValSet], threshold: float, block: int,
+                     weighting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The validation-overlap decision for every kept identity of `state`: (identity ids ascending, the
+    index of the set it is removed for or -1, a (identities x sets) bool matrix of the sets it matched).
+
+    Needs all rows of each identity it decides (the whole state in one process; a dedup unit holds every
+    row of its identities), nothing of other identities."""
+    ids, centers, _ = identity_centers(state, weighting)
+    best = np.full(len(ids), -np.inf, dtype=np.float32)
+    best_set = np.full(len(ids), -1, dtype=np.int64)
+    hits = np.zeros((len(ids), len(valsets)), dtype=bool)
+    for k, vs in enumerate(valsets):
+        sims, _ = best_match(centers, vs.centers, block)
+        hit = sims > threshold
+        hits[:, k] = hit
+        better = hit & (sims > best)
+        best[better] = sims[better]
+        best_set[better] = k
+    return ids, best_set, hits
+
+
 def remove_val_overlap(state: CleanState, valsets: list[ValSet], threshold: float, block: int,
                        weighting: str) -> dict:
     """Drop identities matching any validation center; report per set centers, identities, images."""
@@ -86,17 +107,9 @@ def remove_val_overlap(state: CleanState, valsets: list[ValSet], threshold: floa
                         "matched": 0} for vs in valsets}
     if not valsets:
         return report
-    ids, centers, _ = identity_centers(state, weighting)
-    best = np.full(len(ids), -np.inf, dtype=np.float32)
-    best_set = np.full(len(ids), -1, dtype=np.int64)
+    ids, best_set, hits = overlap_verdicts(state, valsets, threshold, block, weighting)
     for k, vs in enumerate(valsets):
-        sims, _ = best_match(centers, vs.centers, block)
-        hit = sims > threshold
-        report[vs.name]["matched"] = int(hit.sum())  # identities over the threshold for this set
-        better = hit & (sims > best)
-        best[better] = sims[better]
-        best_set[better] = k
-    for k, vs in enumerate(valsets):
+        report[vs.name]["matched"] = int(hits[:, k].sum())  # identities over the threshold for this set
         victims = ids[best_set == k]
         report[vs.name]["identities"] = int(len(victims))
         report[vs.name]["images"] = state.drop_identities(victims, f"val_overlap:{vs.name}")

@@ -35,6 +35,8 @@ from pipeline.inference import (
 )
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
+from schemas.devices import DeviceError, resolve_device
+from schemas.imaging import decode_image
 from schemas.persons import NUM_KEYPOINTS, PERSONS
 from schemas.tables import DOWNLOAD
 
@@ -117,19 +119,12 @@ def restricted_ultralytics_load():
 
 
 def pick_device(device: str) -> str:
-    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one). Asking for a GPU that is absent is a StageError."""
-    from pipeline.runtime import has_gpu
-
-    d = device.strip().lower()
-    if d == "auto":
-        return "cuda:0" if has_gpu() else "cpu"
-    if d.startswith("cuda") or d.isdigit():
-        if not has_gpu():
-            raise StageError(f"persons.device is '{device}' but this machine has no CUDA GPU: use 'cpu' or 'auto'")
-        return d if d.startswith("cuda") else f"cuda:{d}"
-    if d != "cpu":
-        raise StageError(f"persons.device '{device}' not understood: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return d
+    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one), through schemas.devices; a GPU that is absent is a
+    StageError."""
+    try:
+        return resolve_device(device, "persons.device")
+    except DeviceError as exc:
+        raise StageError(str(exc)) from None
 
 
 class PersonsStage(ShardStage):
@@ -192,7 +187,6 @@ class PersonsStage(ShardStage):
 
     # -- rows ---------------------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> BatchResult:
-        import cv2
 
         drops: Counter = Counter()
         rows = batch.select(["sample_id", "label", "name", "url", "status", "image", "sha256"]).to_pylist()
@@ -202,8 +196,8 @@ class PersonsStage(ShardStage):
                 drops["not_downloaded"] += 1
                 continue
             data = row["image"]
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-            if img is None or img.size == 0:
+            img = decode_image(data, rgb=False)  # BGR, as YOLO takes it
+            if img is None:
                 log.warning("persons: %s could not be decoded (%d bytes)", row["sample_id"], len(data or b""))
                 drops["decode_error"] += 1
                 continue

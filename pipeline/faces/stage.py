@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -37,6 +36,7 @@ from pipeline.inference import choose_backend
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.faces import FACES
+from schemas.imaging import decode_image
 from schemas.persons import PERSONS
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,8 @@ class FacesStage(ShardStage):
 
 
 def decode_rgb(data: Any) -> np.ndarray | None:
-    """Encoded image bytes -> RGB uint8 (grey and alpha images become 3-channel), None if undecodable."""
-    if not data:
-        return None
-    buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
-        return None
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # much faster than a numpy channel flip + copy
+    """Encoded image bytes -> RGB uint8, None if undecodable (schemas.imaging, the one decoder)."""
+    return decode_image(data)
 
 
 def feature_columns(feature: np.ndarray, embedder: str) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import FacesConfig
+from pipeline.config import FacesConfig, hashed_dump
 from pipeline.faces.align import (
     AlignError,
     detector_canvas,
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 # Columns of the persons table this stage reads (its schema module may carry more).
 # Left out of the output's config hash: they change speed, not rows (GPU numerics aside).
-EXECUTION_FIELDS = {"batch_size", "device", "num_threads"}
 INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
 
 
@@ -74,7 +73,7 @@ class FacesStage(ShardStage):
     def config_hash(self) -> str:
         # Execution settings do not change the rows (features are batch-independent, see the tests). The
         # backend that will run (auto resolved) does, in the last bits: it is in the hash.
-        doc = self.config.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        doc = hashed_dump(self.config)  # without the fields marked execution() in pipeline/config.py
         doc["backend"] = self.backend_name()
         return config_hash(doc)
 

@@ -98,6 +98,7 @@ def learn_and_evaluate(tmp: Path, eval_ids: range, eval_image_seed: int, pretrai
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # ~100 s of CPU; at load 20 on the shared 2 cores that is over the default 900 s
 def test_finetuning_raises_held_out_cross_domain_rank1(tmp_path):
     prev = torch.get_num_threads()
     try:

@@ -89,7 +89,7 @@ def cmd_retry_downloads(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    result = run_demo(output=args.output, use_prefect=not args.no_prefect, executor=args.executor)
+    result = run_demo(output=args.output, use_prefect=not args.no_prefect, executor=args.executor, work=args.work)
     _print_result(result)
     return 0
 
@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build the demo corpus end to end (no network, no Prefect server)")
-    d.add_argument("--output", default="output/demo", help="build directory (default: output/demo)")
+    d.add_argument("--output", default="output/demo",
+                   help="build directory or object-store URI, e.g. s3://bucket/demo (default: output/demo)")
+    d.add_argument("--work", help="local folder for the served corpus and the generated config (default: the "
+                                  "output folder; for a URI output a fixed folder under ~/.cache/webbody/demo)")
     d.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
     d.add_argument("--executor", choices=["ray", "local"], default="ray")
     d.set_defaults(fn=cmd_demo)

@@ -255,6 +255,19 @@ def summarise(name: str, runs: list[list[dict]], images: int) -> dict:
     }
 
 
+def flat(r: dict) -> dict:
+    """A set's summary as one table row: {median, min, max} figures become three columns."""
+    out: dict = {}
+    for k, v in r.items():
+        if k in ("stages", "runs"):
+            continue
+        if isinstance(v, dict):
+            out.update({k: v["median"], f"{k}_min": v["min"], f"{k}_max": v["max"]})
+        else:
+            out[k] = v
+    return out
+
+
 def project(name: str, r: dict) -> list[dict]:
     """94 M images on the CPU cluster (measured CPU seconds per image) and on the GPU cluster (assumed rates)."""
     out = []
@@ -297,11 +310,11 @@ def record(rec: Recorder, runs: dict[str, list[list[dict]]], images: dict[str, i
                   f"ratio: 'pairs' = repeats); bounded by {r['bounding_stage']} at "
                   f"{r['bounding_stage_images_per_core_s']} images per core-second; faces embedded "
                   f"{r['faces_embedded']} of {r['faces_in']}"))
-    if "paper" in heads:
+    if "images_per_core_s_paper" in heads:
         heads["images_per_core_s"] = {**heads["images_per_core_s_paper"],
                                       "note": "the paper's architectures: " + heads["images_per_core_s_paper"]["note"]}
     rec.write(headlines=heads, details={
-        "sets": {n: {k: v for k, v in r.items() if k not in ("stages", "runs")} for n, r in results.items()},
+        "sets": {n: flat(r) for n, r in results.items()},
         "per_stage": [s for r in results.values() for s in r["stages"]],
         "runs": {n: r["runs"] for n, r in results.items()},
         "projection": [row for n, r in results.items() if r["images_per_core_s"] for row in project(n, r)],

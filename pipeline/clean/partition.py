@@ -13,12 +13,14 @@ this module splits the same computation along what it depends on:
   own shard, so the verdicts do not depend on the sharding. A unit's output is a CLEAN table of its rows
   (the identity before merging) plus `centers-<shard>.parquet`: per identity, its image count and its
   weighted feature sum over this shard's rows (sums of shards add up to the identity's sum).
-- The cross-identity merge (`merge_centers`, pipeline/clean/merge.py) then needs only those sums, one
-  per identity, gathered from the units' files: exact tiled search (pipeline/clean/search.py) and
-  connected components (scipy.sparse.csgraph).
+- The cross-identity merge then needs only those sums: rounds of planned passes (pipeline/clean/cross.py)
+  whose units read blocks of centre files and return the pairs found (exact tiled search,
+  pipeline/clean/search.py), with connected components (scipy.sparse.csgraph) in each round's finish.
+- Pass "dedup" applies the merge, drops near-duplicates and decides validation overlap per identity (a
+  unit holds every row of its identities); pass "select" writes the verdicts.
 
-Memory of a unit is its name group's features (plus the DBSCAN graph of one block of names), whatever
-the dataset's size; the driver holds the plan (shard ids) and then the centers only.
+Memory of a unit is its name group's features (plus the DBSCAN graph of one block of names), or two
+blocks of centres, whatever the dataset's size; the driver holds the plan, the pairs found and the maps.
 """
 
 from __future__ import annotations
@@ -452,8 +454,8 @@ def _with_valsets(cfg: CleanConfig) -> str:
 
 
 def run_partitioned(cfg: BuildConfig, inputs: dict, output, overwrite: bool = False, executor=None) -> dict:
-    """The three passes on `executor` (default: the run section's), the passes under `output`/_names and
-    `output`/_dedup; returns the roll-up of the selection."""
+    """The passes on `executor` (default: the run section's), under `output`/_names, `output`/_merge
+    (the search rounds) and `output`/_dedup; returns the roll-up of the selection."""
     from pipeline.registry import executor_from_config
 
     ex = executor or executor_from_config(cfg)

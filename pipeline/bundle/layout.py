@@ -120,11 +120,11 @@ def removed_hashes(out: str | Store, files: dict[str, int] | None = None) -> dic
 
 def sibling_funnel(out: str | Store) -> list[dict]:
     """Rows in/out and drops of every earlier stage found beside the bundle (`<build>/<stage>/stats.json`)."""
-    from pipeline.registry import STAGE_NAMES
+    from pipeline.registry import stage_names
 
     build = as_store(out).parent()
     rows = []
-    for name in STAGE_NAMES:
+    for name in stage_names():
         if name == "bundle":
             continue
         try:

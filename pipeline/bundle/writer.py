@@ -62,8 +62,13 @@ def pipeline_version() -> str:
 
 
 def build_config_hash(cfg: BuildConfig) -> str:
-    # `run` says where the work runs, not what it makes: it must not change the records' bytes.
-    return config_hash(cfg.model_dump(mode="json", exclude={"run"}))
+    # `run` says where the work runs, not what it makes: it must not change the records' bytes. The user-stage
+    # fields (plugins, extensions) enter only when used, so builds made before they existed keep their hash.
+    doc = cfg.model_dump(mode="json", exclude={"run"})
+    for key in ("plugins", "extensions"):
+        if not doc[key]:
+            del doc[key]
+    return config_hash(doc)
 
 
 def iter_wanted_rows(shards: ShardSet, sid: str, columns: list[str], wanted: set[str]):

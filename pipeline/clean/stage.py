@@ -1,8 +1,8 @@
 """The clean stage: per-name steps per faces shard, cross-identity steps on identity centers.
 
-`run` is the stage on the executor contract (pipeline/clean/partition.py): three planned passes, each
-one unit per faces shard, run by the run section's executor (local or Ray), which claims, commits,
-counts, resumes and rolls up; the passes live under the output (`_names`, `_dedup`), the selection is
+`run` is the stage on the executor contract (pipeline/clean/partition.py): planned passes (names,
+merge search rounds, dedup, select), run by the run section's executor (local or Ray), which claims, commits,
+counts, resumes and rolls up; the passes live under the output (`_names`, `_merge`, `_dedup`), the selection is
 the output itself. Each faces row gets a verdict in the clean shard with the same id as the faces shard
 it came from, so lineage holds and bundle joins shard by shard.
 

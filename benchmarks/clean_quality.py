@@ -36,10 +36,11 @@ from pipeline.runtime import ensure_offline_env  # noqa: E402
 ensure_offline_env()
 
 from benchmarks.paired import Recorder, headline  # noqa: E402
-from pipeline import registry  # noqa: E402
+from pipeline import clean as clean_stage  # noqa: E402
 from pipeline.clean.scenario import Scenario, Setting, build, pair_cosines  # noqa: E402
 from pipeline.clean.synthetic import write_faces_dir  # noqa: E402
 from pipeline.config import BuildConfig  # noqa: E402
+from pipeline.executors import make_executor  # noqa: E402
 from pipeline.shards import DatasetDir  # noqa: E402
 from pipeline.valsets import write_centers  # noqa: E402
 
@@ -78,11 +79,13 @@ def run_once(seed: int, setting: Setting, clean: dict, tmp: Path) -> dict:
     files = []
     for name, feats in sc.valsets.items():
         path = work / f"{name}.parquet"
-        write_centers(path, name, "kprpe", "{}", [f"c{i}" for i in range(len(feats))], feats, [1] * len(feats))
+        write_centers(path, name, "kprpe", "{}", [f"c{i}" for i in range(len(feats))], feats,
+                      [sc.val_images[name]] * len(feats))
         files.append(str(path))
     cfg = BuildConfig.model_validate({"clean": {"valsets": files, **clean}})
     t0 = time.perf_counter()
-    stats = registry.run_stage("clean", cfg, {"faces": inp.root}, work / "clean")
+    # Synthetic features have no photos, so no persons input: the copy step is skipped (it says so).
+    stats = clean_stage.run(cfg, {"faces": inp.root}, work / "clean", executor=make_executor("local"))
     seconds = time.perf_counter() - t0
     sel = {r["person_id"]: r for _, t in DatasetDir(work / "clean").iter_tables() for r in t.to_pylist()}
     out = evaluate(sel, truth, sc)
@@ -215,11 +218,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--names", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first seed (the rules were chosen on seeds 100-109: report on others)")
     ap.add_argument("--quick", action="store_true", help="hard setting only (no sweep, noise scan, calibration)")
     args = ap.parse_args()
     rec = Recorder("clean_quality", args)
     setting = Setting(names=args.names)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     # The cleaner's settings for this benchmark: official thresholds but DBSCAN eps 0.55 (link at cosine
     # >= 0.45): at the official 0.7 (cosine 0.3) DBSCAN chains the same-group impostors (0.2-0.35) together.
     tuned = {"dbscan_eps": 0.55}

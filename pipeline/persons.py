@@ -13,8 +13,10 @@ outside the image is filled white like the download's border (not black); crops 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -26,14 +28,20 @@ import pyarrow as pa
 from pipeline.config import BuildConfig, PersonsConfig
 from pipeline.geometry import Transform, crop_window, crop_with_fill, pad_box
 from pipeline.inference import (
+    EXPORT_DIR,
     CompiledPose,
     PoseDetections,
+    cached,
     choose_backend,
+    export_dir,
+    file_sha256,
     ultralytics_detections,
-    yolo_pose_onnx,
+    worker_threads,
 )
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
+from schemas.devices import DeviceError, resolve_device
+from schemas.imaging import decode_image
 from schemas.persons import NUM_KEYPOINTS, PERSONS
 from schemas.tables import DOWNLOAD
 
@@ -116,19 +124,12 @@ def restricted_ultralytics_load():
 
 
 def pick_device(device: str) -> str:
-    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one). Asking for a GPU that is absent is a StageError."""
-    from pipeline.runtime import has_gpu
-
-    d = device.strip().lower()
-    if d == "auto":
-        return "cuda:0" if has_gpu() else "cpu"
-    if d.startswith("cuda") or d.isdigit():
-        if not has_gpu():
-            raise StageError(f"persons.device is '{device}' but this machine has no CUDA GPU: use 'cpu' or 'auto'")
-        return d if d.startswith("cuda") else f"cuda:{d}"
-    if d != "cpu":
-        raise StageError(f"persons.device '{device}' not understood: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return d
+    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one), through schemas.devices; a GPU that is absent is a
+    StageError."""
+    try:
+        return resolve_device(device, "persons.device")
+    except DeviceError as exc:
+        raise StageError(str(exc)) from None
 
 
 class PersonsStage(ShardStage):
@@ -170,7 +171,7 @@ class PersonsStage(ShardStage):
         if self.backend == "torch":
             self.model = load_pose_model(source)
         else:
-            self.model = CompiledPose(source, self.backend, self.cfg.imgsz, threads=threads,
+            self.model = CompiledPose(yolo_pose_onnx(source, self.cfg.imgsz), self.backend, self.cfg.imgsz, threads=threads,
                                       gpu=self.device != "cpu")
         # The first predict selects the device, and Ultralytics then sets torch to cores-1 threads (1 on two
         # cores); warm up first, then set our own thread count (torch also runs the compiled backends' NMS).
@@ -191,7 +192,6 @@ class PersonsStage(ShardStage):
 
     # -- rows ---------------------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> BatchResult:
-        import cv2
 
         drops: Counter = Counter()
         rows = batch.select(["sample_id", "label", "name", "url", "status", "image", "sha256"]).to_pylist()
@@ -201,8 +201,8 @@ class PersonsStage(ShardStage):
                 drops["not_downloaded"] += 1
                 continue
             data = row["image"]
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-            if img is None or img.size == 0:
+            img = decode_image(data, rgb=False)  # BGR, as YOLO takes it
+            if img is None:
                 log.warning("persons: %s could not be decoded (%d bytes)", row["sample_id"], len(data or b""))
                 drops["decode_error"] += 1
                 continue
@@ -272,6 +272,45 @@ class PersonsStage(ShardStage):
         return buf.tobytes()
 
 
+def yolo_pose_onnx(weights: str | os.PathLike, imgsz: int) -> Path:
+    """The ONNX graph (dynamic batch and size) of a YOLO pose checkpoint, exported once by Ultralytics.
+
+    The checkpoint is loaded through `pipeline.persons.load_pose_model` (restricted, weights-only), then
+    Ultralytics' own `export` writes the graph; its metadata (stride, names, keypoint shape) goes beside it.
+    """
+    src = Path(weights)
+    random_init = str(weights).endswith(ARCH_SUFFIXES)
+    if random_init:  # an architecture yaml (random weights, seeded): keyed by name and Ultralytics version
+        import ultralytics
+
+        from pipeline.runtime import cache_dir
+
+        folder = cache_dir() / EXPORT_DIR / f"{src.stem}-random-ultralytics{ultralytics.__version__}"
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = export_dir(src)
+    target = folder / f"pose-{int(imgsz)}.onnx"
+
+    def make(tmp: Path) -> None:
+        if random_init:
+            model = load_pose_model(str(weights))
+        else:
+            copy = tmp / src.name  # Ultralytics writes the export next to the file it loaded
+            shutil.copyfile(src, copy)
+            model = load_pose_model(str(copy))
+        meta = {"stride": int(max(model.model.stride.tolist())), "names": {int(k): v for k, v in model.names.items()},
+                "kpt_shape": list(model.model.kpt_shape), "end2end": bool(getattr(model.model, "end2end", False)),
+                "imgsz": int(imgsz), "source": str(weights) if random_init else file_sha256(src)}
+        out = Path(model.export(format="onnx", dynamic=True, imgsz=int(imgsz), simplify=False, verbose=False))
+        os.replace(out, tmp / target.name)
+        for leftover in tmp.iterdir():  # the checkpoint copy
+            if leftover.suffix == ".pt":
+                leftover.unlink()
+        (tmp / (target.stem + ".json")).write_text(json.dumps(meta))
+
+    return cached(target, make)
+
+
 def export_pose_model(source: str, imgsz: int, backend: str) -> Path:
     """The compiled graph of a pose model for `backend` (exported once, cached beside the weights)."""
     from pipeline.inference import openvino_ir
@@ -281,26 +320,23 @@ def export_pose_model(source: str, imgsz: int, backend: str) -> Path:
 
 
 def executor_for(cfg: BuildConfig):
-    """The build's executor, with the persons section's actor settings where given."""
+    """The build's executor, with the persons section's actor settings where given (else the run section's)."""
     from pipeline.executors import make_executor
+    from pipeline.registry import ray_executor_options
 
     if cfg.run.executor == "local":
         return make_executor("local")
     p = cfg.persons
-    return make_executor(
-        "ray",
-        num_actors=p.num_actors or cfg.run.num_actors,
-        actor_cpus=p.actor_cpus if p.actor_cpus is not None else cfg.run.actor_cpus,
-        actor_gpus=p.actor_gpus if p.actor_gpus is not None else cfg.run.actor_gpus,
-        address=cfg.run.ray_address,
-    )
+    return make_executor("ray", **ray_executor_options(cfg, num_actors=p.num_actors, actor_cpus=p.actor_cpus,
+                                                       actor_gpus=p.actor_gpus))
 
 
 def threads_per_worker(cfg: BuildConfig) -> int:
+    """torch/runtime threads of one persons worker: `persons.threads`, else the worker's share of the cores
+    (pipeline.inference.worker_threads), with the persons section's pool settings overriding the run's."""
     if cfg.persons.threads:
         return cfg.persons.threads
-    actors = 1 if cfg.run.executor == "local" else (cfg.persons.num_actors or cfg.run.num_actors)
-    return max(1, (os.cpu_count() or 1) // actors)
+    return worker_threads(cfg, num_actors=cfg.persons.num_actors, actor_cpus=cfg.persons.actor_cpus)
 
 
 def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:

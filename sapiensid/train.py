@@ -107,16 +107,11 @@ class TrainConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings, values parsed as YAML (numbers, bools, lists, null)."""
-    import yaml
+    """``key=value`` strings, values parsed as YAML (numbers, bools, lists, null): schemas.overrides, the
+    parser every WebBody CLI uses."""
+    from schemas.overrides import parse_overrides as parse
 
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not key=value")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    return parse(pairs)
 
 
 def infer_num_classes(shards: str | list[str], split: str) -> int:
@@ -175,12 +170,16 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    """`train.device` through schemas.devices (the resolver every model uses); under torchrun each process
+    takes its local rank's GPU."""
+    from schemas.devices import resolve_device
+
+    dev = resolve_device(name, "train.device")
+    if dev.startswith("cuda"):
+        index = local_rank if name.strip().lower() in ("auto", "cuda") else int(dev.split(":")[1])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(dev)
 
 
 def finished_checkpoints(root: Path) -> list[Path]:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.clean.cluster import cluster_names
 from pipeline.clean.dedup import dedup_rows, drop_near_duplicates
-from pipeline.clean.merge import merge_identities
+from pipeline.clean.merge import identity_centers, merge_identities
 from pipeline.clean.overlap import ValSet, remove_val_overlap
 from pipeline.clean.select import clean_selection
 from pipeline.clean.state import CleanState, normalise
@@ -204,6 +204,24 @@ def test_val_overlap_removes_the_planted_identity_and_reports_per_set():
     assert report["agedb_30"]["identities"] == 0
     assert set(state.reason[4:8]) == {"val_overlap:lfw"}
     assert state.kept()[:4].all() and state.kept()[8:].all()
+
+
+def test_val_overlap_matches_a_one_image_center_a_little_lower():
+    """A one-image validation center (noisy) matches at `val_overlap - SINGLE_IMAGE_MARGIN`; a folder
+    center at the same cosine does not."""
+    from pipeline.clean.overlap import SINGLE_IMAGE_MARGIN
+
+    rng = np.random.default_rng(12)
+    ids = people(rng, 2, DIM)
+    cos = OFFICIAL.val_overlap - SINGLE_IMAGE_MARGIN / 2
+    results = {}
+    for n in (1, 3):
+        state = identity_state(rng, ids, [4, 4], cos=0.999)
+        _, centers, _ = identity_centers(state, "norm")
+        vs = ValSet("s", "s.parquet", "kprpe", {}, ["x"], at_cosine(rng, centers[0], cos)[None].astype(np.float32),
+                    np.array([n]))
+        results[n] = remove_val_overlap(state, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["s"]
+    assert results[1]["identities"] == 1 and results[3]["identities"] == 0
 
 
 def test_too_few_images_and_funnel():

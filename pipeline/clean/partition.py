@@ -13,12 +13,14 @@ this module splits the same computation along what it depends on:
   own shard, so the verdicts do not depend on the sharding. A unit's output is a CLEAN table of its rows
   (the identity before merging) plus `centers-<shard>.parquet`: per identity, its image count and its
   weighted feature sum over this shard's rows (sums of shards add up to the identity's sum).
-- The cross-identity merge (`merge_centers`, pipeline/clean/merge.py) then needs only those sums, one
-  per identity, gathered from the units' files: exact tiled search (pipeline/clean/search.py) and
-  connected components (scipy.sparse.csgraph).
+- The cross-identity merge then needs only those sums: rounds of planned passes (pipeline/clean/cross.py)
+  whose units read blocks of centre files and return the pairs found (exact tiled search,
+  pipeline/clean/search.py), with connected components (scipy.sparse.csgraph) in each round's finish.
+- Pass "dedup" applies the merge, drops near-duplicates and decides validation overlap per identity (a
+  unit holds every row of its identities); pass "select" writes the verdicts.
 
-Memory of a unit is its name group's features (plus the DBSCAN graph of one block of names), whatever
-the dataset's size; the driver holds the plan (shard ids) and then the centers only.
+Memory of a unit is its name group's features (plus the DBSCAN graph of one block of names), or two
+blocks of centres, whatever the dataset's size; the driver holds the plan, the pairs found and the maps.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ from scipy.sparse.csgraph import connected_components
 from pipeline import storage
 from pipeline.clean.cluster import cluster_names
 from pipeline.clean.copies import collapse_copies
+from pipeline.clean.cross import group_sums, make_blocks, read_center_files, run_merge
 from pipeline.clean.dedup import drop_near_duplicates
 from pipeline.clean.load import load_faces
 from pipeline.clean.merge import identity_sums, merge_centers
-from pipeline.clean.overlap import load_valsets
-from pipeline.clean.search import best_match
+from pipeline.clean.overlap import load_valsets, overlap_verdicts
 from pipeline.clean.select import identity_strings, resolve_thresholds
-from pipeline.clean.state import DROPPED, normalise
+from pipeline.clean.state import DROPPED
 from pipeline.config import BuildConfig, CleanConfig
 from pipeline.shards import DatasetDir, file_sha256
 from pipeline.stage import (
@@ -160,42 +162,33 @@ class NamesStage(PlannedStage):
         buf = io.BytesIO()
         pq.write_table(centers, buf)
         drops = Counter(r for r in state.reason[a:b].tolist() if r is not None)
-        extra = {"embedder": loaded.embedder, "dim": loaded.dim, "group": group}
+        extra = {"embedder": loaded.embedder, "dim": loaded.dim, "group": group, "identities": int(len(ids))}
         if k == 0:  # the group's per-name report, counted once per group
             extra["group_report"] = report
         return UnitResult(table, rows_in=b - a, drops=drops, files={centers_file(unit.id): buf.getvalue()},
                           extra_stats=extra)
 
     def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
-        """The cross-identity merge on the units' centers; `merge.json` holds its decisions."""
+        """The per-name reports and the blocks of the merge search (`blocks.json`)."""
         return _names_finish(self, ctx, rollup)
 
 
 def gather_centers(names_out: DatasetDir) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(identities sorted, summed weighted features, image counts) from every unit's centers file."""
-    tables = [pq.read_table(io.BytesIO(storage.get_bytes(names_out.join(centers_file(s)))))
-              for s in names_out.done_ids()]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return [], np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    t = pa.concat_tables(tables)
-    names, inverse = np.unique(np.asarray(t.column("identity").to_pylist(), dtype=object), return_inverse=True)
-    flat = np.asarray(pc.list_flatten(t.column("sum")).to_numpy(zero_copy_only=False), dtype=np.float32)
-    vecs = flat.reshape(t.num_rows, -1)
-    sums = np.zeros((len(names), vecs.shape[1]), dtype=np.float32)
-    np.add.at(sums, inverse, vecs)
-    counts = np.bincount(inverse, weights=np.asarray(t.column("count")), minlength=len(names)).astype(np.int64)
-    return [str(n) for n in names], sums, counts
+    """(identities sorted, summed weighted features, image counts) from every unit's centers file: all
+    centres in one process (tests and the single-process measurements; the stage itself searches them
+    in blocks, pipeline/clean/cross.py)."""
+    return group_sums(read_center_files(names_out, names_out.done_ids()))
 
 
 def merge_from_centers(names_out: DatasetDir, cfg: CleanConfig, embedder: str | None
                        ) -> tuple[dict[str, str], set[str], dict]:
-    """The cross-identity merge on the gathered centers (see `merge_centers`)."""
+    """The cross-identity merge on the gathered centers in one process (`merge_centers`): the reference
+    the distributed rounds (pipeline/clean/cross.py) are tested against."""
     thr = resolve_thresholds(cfg, embedder)
     names, sums, counts = gather_centers(names_out)
     if not names:
         return {}, set(), {"merge_rounds": 0, "identities_merged_away": 0, "ambiguous_pairs": 0,
-                           "ambiguous_identities_dropped": 0}
+                           "ambiguous_identities_dropped": 0, "ambiguous_images_dropped": 0}
     return merge_centers(names, sums, counts, thr.merge, thr.ambiguous, cfg.block_size)
 
 
@@ -234,16 +227,21 @@ def _sum_reports(reports: list[dict]) -> dict:
 
 
 def _names_finish(self: NamesStage, ctx: PlanContext, rollup: dict) -> FinishResult:
+    """The per-name reports summed, and `blocks.json`: the shards cut into blocks of whole name groups of
+    at most `block_size` identities, the tiles of the distributed merge search (pipeline/clean/cross.py)."""
     out = ctx.output
     embedder, dim = _first_embedder(out)
-    into, losers, report = merge_from_centers(out, self.config, embedder)
-    reports = [st["group_report"] for sid in out.done_ids() if "group_report" in (st := out.shard_stats(sid))]
+    stats_of = {sid: out.shard_stats(sid) for sid in out.done_ids()}
+    reports = [st["group_report"] for st in stats_of.values() if "group_report" in st]
     steps = {name: _sum_reports([r[name] for r in reports]) for name in ("copies", "cluster", "face_score")}
-    steps["merge"] = report
+    groups: dict[str, list[str]] = {}
+    for sid, st in stats_of.items():
+        groups.setdefault(st.get("group", [sid])[0], st.get("group", [sid]))
+    sized = [(g, sum(int(stats_of[s].get("identities", 0)) for s in g)) for _, g in sorted(groups.items())]
+    blocks = make_blocks(sized, self.config.block_size)
     stats = {"embedder": embedder, "dim": dim, "funnel": _sum_funnels([r["funnel"] for r in reports]),
-             "steps": steps}
-    return FinishResult(files={"merge.json": _json_bytes({"into": into, "losers": sorted(losers)})}, stats=stats)
-
+             "steps": steps, "blocks": len(blocks)}
+    return FinishResult(files={"blocks.json": _json_bytes({"blocks": blocks})}, stats=stats)
 
 
 def _shard_identities(d: DatasetDir, sid: str) -> list[str]:
@@ -268,7 +266,7 @@ class DedupStage(PlannedStage):
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         names = ctx.inputs["names"]
-        merge = names.read_json("merge.json")
+        merge = ctx.inputs["merge"].read_json("merge.json")
         into, losers = merge["into"], set(merge["losers"])
         ids = names.done_ids()
         index: dict[str, int] = {}
@@ -291,7 +289,7 @@ class DedupStage(PlannedStage):
     def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
         group = list(unit.payload["group"])
         names = ctx.inputs["names"]
-        merge = names.read_json("merge.json")
+        merge = ctx.inputs["merge"].read_json("merge.json")
         into, losers = merge["into"], set(merge["losers"])
         loaded = load_faces(ctx.inputs["faces"], None, ids=group)
         state = loaded.state
@@ -326,41 +324,68 @@ class DedupStage(PlannedStage):
         own_dups = int(np.sum(state.reason[a:b] == "near_duplicate")) - int(
             np.sum(np.asarray(reason, dtype=object)[pos][a:b] == "near_duplicate"))
         drops = Counter(r for r in state.reason[a:b].tolist() if r is not None)
+        extra = {"near_duplicates": own_dups, "group_dedup": dedup, **self._val_overlap(state, a, b, loaded)}
         return UnitResult(table, rows_in=b - a, drops=drops,
                           files={centers_file(unit.id): _centers_bytes([state.names[int(i)] for i in ids],
                                                                        sums, counts)},
-                          extra_stats={"near_duplicates": own_dups, "group_dedup": dedup})
+                          extra_stats=extra)
+
+    def _val_overlap(self, state, a: int, b: int, loaded) -> dict:
+        """Validation overlap of the identities this unit owns (their first kept row is in its shard; the
+        unit holds every row of them): {"val": identity -> reason, "val_matched": set -> identities}."""
+        valsets = load_valsets(self.config.valsets, loaded.embedder, loaded.dim) if loaded.embedder else []
+        if not valsets:
+            return {"val": {}, "val_matched": {}}
+        thr = resolve_thresholds(self.config, loaded.embedder)
+        ids, best_set, hits = overlap_verdicts(state, valsets, thr.val_overlap, self.config.block_size,
+                                               self.config.center_weighting)
+        rows = np.flatnonzero(state.kept())
+        first_ids, first = np.unique(state.ident[rows], return_index=True)
+        first_row = dict(zip(first_ids.tolist(), rows[first].tolist()))
+        own = np.asarray([a <= first_row[int(i)] < b for i in ids], dtype=bool)
+        val = {state.names[int(i)]: f"val_overlap:{valsets[int(k)].name}"
+               for i, k, o in zip(ids, best_set, own) if o and k >= 0}
+        matched = {vs.name: int((hits[:, k] & own).sum()) for k, vs in enumerate(valsets)}
+        return {"val": val, "val_matched": matched}
 
     def finish(self, ctx: PlanContext, rollup: dict) -> FinishResult:
         names = ctx.inputs["names"]
         before = names.read_json("stats.json")
         embedder, dim = before["embedder"], before["dim"]
-        idents, sums, counts = gather_centers(ctx.output)
+        merge_report = ctx.inputs["merge"].read_json("merge.json")["report"]
+        # Identity and image count of every identity (no features): min_images and the funnel.
+        counted = [t.select(["identity", "count"]) for t in
+                   read_center_files(ctx.output, ctx.output.done_ids(), columns=["identity", "count"])]
+        counted = [t for t in counted if t.num_rows]
+        if counted:
+            t = pa.concat_tables(counted)
+            uniq, inverse = np.unique(np.asarray(t.column("identity").to_pylist(), dtype=object),
+                                      return_inverse=True)
+            idents = [str(x) for x in uniq]
+            counts = np.bincount(inverse, weights=np.asarray(t.column("count")),
+                                 minlength=len(idents)).astype(np.int64)
+        else:
+            idents, counts = [], np.zeros(0, dtype=np.int64)
         thr = resolve_thresholds(self.config, embedder)
         funnel = list(before["funnel"])
         after_face = funnel[-1]["images"] if funnel else 0
-        merged_images = after_face - before["steps"]["merge"]["ambiguous_images_dropped"]
+        merged_images = after_face - merge_report["ambiguous_images_dropped"]
         funnel.append({"step": "merge", "identities": len(idents), "images": int(merged_images)})
         funnel.append({"step": "near_duplicates", "identities": len(idents), "images": int(counts.sum())})
         valsets = load_valsets(self.config.valsets, embedder, dim) if embedder else []
         report = {vs.name: {"file": vs.path, "centers": len(vs.centers), "identities": 0, "images": 0,
                             "matched": 0} for vs in valsets}
         drop: dict[str, str] = {}
-        if valsets and idents:
-            centers = normalise(sums)
-            best = np.full(len(idents), -np.inf, dtype=np.float32)
-            best_set = np.full(len(idents), -1, dtype=np.int64)
-            for k, vs in enumerate(valsets):
-                sims, _ = best_match(centers, vs.centers, self.config.block_size)
-                hit = sims > thr.val_overlap
-                report[vs.name]["matched"] = int(hit.sum())
-                better = hit & (sims > best)
-                best[better], best_set[better] = sims[better], k
-            for k, vs in enumerate(valsets):
-                victims = np.flatnonzero(best_set == k)
-                report[vs.name]["identities"] = int(len(victims))
-                report[vs.name]["images"] = int(counts[victims].sum())
-                drop.update({idents[int(v)]: f"val_overlap:{vs.name}" for v in victims})
+        for sid in ctx.output.done_ids():
+            st = ctx.output.shard_stats(sid)
+            drop.update(st.get("val", {}))
+            for name, n in st.get("val_matched", {}).items():
+                report[name]["matched"] += int(n)
+        count_of = dict(zip(idents, counts.tolist()))
+        for ident, why in drop.items():
+            rep = report[why.split(":", 1)[1]]
+            rep["identities"] += 1
+            rep["images"] += int(count_of.get(ident, 0))
         alive = np.asarray([i not in drop for i in idents], dtype=bool)
         funnel.append({"step": "val_overlap", "identities": int(alive.sum()), "images": int(counts[alive].sum())})
         small = alive & (counts < self.config.min_images)
@@ -368,7 +393,7 @@ class DedupStage(PlannedStage):
         alive &= ~small
         funnel.append({"step": "min_images", "identities": int(alive.sum()), "images": int(counts[alive].sum())})
         dups = sum(int(ctx.output.shard_stats(s).get("near_duplicates", 0)) for s in ctx.output.done_ids())
-        steps = {**before["steps"], "dedup": {"near_duplicates": dups}, "val_overlap": report,
+        steps = {**before["steps"], "merge": merge_report, "dedup": {"near_duplicates": dups}, "val_overlap": report,
                  "min_images": {"dropped": int(counts[small].sum())}}
         stats = {"embedder": embedder, "funnel": funnel, "steps": steps,
                  "thresholds": thr.model_dump(mode="json")}
@@ -429,8 +454,8 @@ def _with_valsets(cfg: CleanConfig) -> str:
 
 
 def run_partitioned(cfg: BuildConfig, inputs: dict, output, overwrite: bool = False, executor=None) -> dict:
-    """The three passes on `executor` (default: the run section's), the passes under `output`/_names and
-    `output`/_dedup; returns the roll-up of the selection."""
+    """The passes on `executor` (default: the run section's), under `output`/_names, `output`/_merge
+    (the search rounds) and `output`/_dedup; returns the roll-up of the selection."""
     from pipeline.registry import executor_from_config
 
     ex = executor or executor_from_config(cfg)
@@ -440,5 +465,7 @@ def run_partitioned(cfg: BuildConfig, inputs: dict, output, overwrite: bool = Fa
     if inputs.get("persons"):
         first["persons"] = str(inputs["persons"])
     ex.run(NamesStage(cfg.clean), first, names_uri, overwrite)
-    ex.run(DedupStage(cfg.clean), {"faces": first["faces"], "names": names_uri}, dedup_uri, overwrite)
+    merge_uri = run_merge(ex, cfg.clean, names_uri, storage.join(out, "_merge"), overwrite)
+    ex.run(DedupStage(cfg.clean), {"faces": first["faces"], "names": names_uri, "merge": merge_uri}, dedup_uri,
+           overwrite)
     return ex.run(SelectStage(cfg.clean), {"dedup": dedup_uri}, out, overwrite).stats

@@ -64,6 +64,8 @@ class Scenario:
     valsets: dict[str, np.ndarray]
     names: int
     stats: dict = field(default_factory=dict)
+    # Images behind each center of a set: lfw is a .bin pair set (one image a center), agedb_30 folders of 3.
+    val_images: dict[str, int] = field(default_factory=lambda: {"lfw": 1, "agedb_30": 3})
 
 
 def _person(rng: np.random.Generator, common: np.ndarray, group: np.ndarray, s: Setting, share: float) -> np.ndarray:

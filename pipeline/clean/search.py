@@ -43,6 +43,27 @@ def pairs_above(x: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray
     return i[order], j[order], s[order]
 
 
+def pairs_between(xq: np.ndarray, xb: np.ndarray, threshold: float, block: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (query row i, base row j) of two L2-normalised sets with cosine > threshold: (i, j, cos),
+    sorted by (i, j). The rectangular tile of the distributed search (pipeline/clean/cross.py)."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    q_rows, b_rows = _tiles(block)
+    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for qs in range(0, len(xq), q_rows):
+        part = xq[qs:qs + q_rows]
+        for bs in range(0, len(xb), b_rows):
+            sims = part @ xb[bs:bs + b_rows].T
+            r, c = np.nonzero(sims > threshold)
+            out_i.append(r + qs)
+            out_j.append(c + bs)
+            out_s.append(sims[r, c])
+    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+    order = np.lexsort((j, i))
+    return i[order], j[order], s[order]
+
+
 def best_match(queries: np.ndarray, base: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the highest cosine to any row of `base` and its index (-inf and -1 when empty)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)

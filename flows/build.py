@@ -78,11 +78,9 @@ def finish_build(output: str, names: list[str]) -> dict:
 
 
 def _verify_and_report(output: str) -> dict:
-    try:
-        from pipeline.bundle.report import write_report
-        from pipeline.bundle.verify import verify_bundle
-    except ImportError:  # bundle tooling not present in this checkout
-        return {}
+    from pipeline.bundle.report import write_report
+    from pipeline.bundle.verify import verify_bundle
+
     bundle = storage.join(output, "bundle")
     local = storage.is_local(output)
     problems = verify_bundle(Path(bundle) if local else bundle)
@@ -99,8 +97,8 @@ def build_flow(config_path: str | None = None, output: str = "output/webbody", u
     """Build WebBody from name queries to verified WebDataset shards (or up to `until`)."""
     out = build_root(output)
     storage.makedirs(out)
-    load_build_config(config_path, ray_address, overrides)  # fail fast on a bad config, before any stage
-    names = [s.name for s in stages_until(until)]
+    cfg = load_build_config(config_path, ray_address, overrides)  # fail fast on a bad config, before any stage
+    names = [s.name for s in stages_until(until, cfg)]
     for name in names:
         stage_task(name, config_path, out, ray_address, overrides, overwrite)
     result = finish_build(out, names)
@@ -114,7 +112,7 @@ def build_plain(config_path: str | None = None, output: str = "output/webbody", 
     out = build_root(output)
     storage.makedirs(out)
     cfg = load_build_config(config_path, ray_address, overrides)
-    names = [s.name for s in stages_until(until)]
+    names = [s.name for s in stages_until(until, cfg)]
     for name in names:
         stats = run_one_stage(name, cfg, out, overwrite=overwrite)
         log.info("%s: %s", name, _short(stats))

@@ -6,27 +6,21 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.runtime import ensure_offline_env
 
-# Modules that add their own subcommands (`add_commands(subparsers)`), imported only if present so that a
-# checkout missing one still has a working CLI.
+# Modules that add their own subcommands (`add_commands(subparsers)`).
 COMMAND_PROVIDERS = ["flows.dataset_cli", "flows.train", "flows.end_to_end", "flows.valsets_cli", "flows.finetune"]
 
 
 def _parse_overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects key=value (e.g. run.executor=local), got '{item}'")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from schemas.overrides import OverrideError, parse_overrides
+
+    try:
+        return parse_overrides(items)
+    except OverrideError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -41,9 +35,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from flows.build import load_build_config
-    from pipeline.registry import get_stage, run_stage
+    from pipeline.registry import get_stage, load_plugins, run_stage
 
     cfg = load_build_config(args.config, args.ray_address, _parse_overrides(args.set))
+    load_plugins(cfg)
     spec = get_stage(args.name)
     from pipeline import storage
 
@@ -94,7 +89,7 @@ def cmd_retry_downloads(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    result = run_demo(output=args.output, use_prefect=not args.no_prefect, executor=args.executor)
+    result = run_demo(output=args.output, use_prefect=not args.no_prefect, executor=args.executor, work=args.work)
     _print_result(result)
     return 0
 
@@ -120,13 +115,17 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.registry import STAGE_NAMES
+    from pipeline.registry import BUILTIN_STAGES
 
+    stages = ", ".join(BUILTIN_STAGES)
     p = argparse.ArgumentParser(prog="webbody", description="Build WebBody and train/evaluate SapiensID.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build the demo corpus end to end (no network, no Prefect server)")
-    d.add_argument("--output", default="output/demo", help="build directory (default: output/demo)")
+    d.add_argument("--output", default="output/demo",
+                   help="build directory or object-store URI, e.g. s3://bucket/demo (default: output/demo)")
+    d.add_argument("--work", help="local folder for the served corpus and the generated config (default: the "
+                                  "output folder; for a URI output a fixed folder under ~/.cache/webbody/demo)")
     d.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
     d.add_argument("--executor", choices=["ray", "local"], default="ray")
     d.set_defaults(fn=cmd_demo)
@@ -134,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="run the webbody-build flow")
     b.add_argument("config", help="YAML config (see configs/)")
     b.add_argument("--output", required=True, help="build directory")
-    b.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    b.add_argument("--until", metavar="STAGE", help=f"stop after this stage ({stages}, or a plugin's)")
     b.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
     b.add_argument("--overwrite", action="store_true", help="redo shards made with another config")
     b.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
@@ -142,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("stage", help="re-run one stage")
-    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("name", metavar="STAGE", help=f"{stages}, or a stage of the config's plugins")
     s.add_argument("--input", help="the previous stage's directory (bundle: the build directory)")
     s.add_argument("--output", required=True)
     s.add_argument("--config")
@@ -171,11 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.set_defaults(fn=cmd_models_export)
 
     for name in COMMAND_PROVIDERS:
-        if importlib.util.find_spec(name) is None:
-            continue
-        add: Callable | None = getattr(importlib.import_module(name), "add_commands", None)
-        if add is not None:
-            add(sub)
+        importlib.import_module(name).add_commands(sub)
     return p
 
 

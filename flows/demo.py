@@ -105,7 +105,16 @@ def serve_directory(root: Path, port: int = 0) -> Iterator[str]:
 def write_url_list(entries: list[tuple[str, str]], base_url: str, path: Path) -> Path:
     """WebFace260M/WebBody `url.lst` format: `idx label URL` per line (label = the name, spaces as _)."""
     lines = [f"{i} {name.replace(' ', '_')} {base_url}/{rel}" for i, (name, rel) in enumerate(entries)]
-    path.write_text("\n".join(lines) + "\n")
+    return _write_if_changed(path, "\n".join(lines) + "\n")
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Write `text` unless the file already holds it: the query stage's config hash includes its input
+    files' modification times, so rewriting an unchanged url.lst would make a resumed demo refuse its own
+    finished query output."""
+    if not (path.exists() and path.read_text() == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return path
 
 
@@ -128,22 +137,43 @@ def prepare_demo_config(output: Path, base_url: str, executor: str = "ray",
     cfg = resolve_asset_refs(yaml.safe_load(template.read_text()))
     cfg.setdefault("query", {})["inputs"] = [{"path": str(url_list), "format": "url_lst"}]
     cfg.setdefault("run", {})["executor"] = executor
-    path = output / "demo_config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return _write_if_changed(output / "demo_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
 
-def run_demo(output: str = "output/demo", use_prefect: bool = True, executor: str = "ray") -> dict:
-    from flows.build import build_flow, build_plain
+def default_work_dir(output: str) -> Path:
+    """Where the corpus and config of a demo whose output is an object-store URI live on this machine.
 
-    out = Path(output).resolve()
+    A fixed place per output URI (not a temporary folder): the config, including the url.lst path, is part
+    of every stage's config hash, so a resumed demo must find the same files at the same path.
+    """
+    import hashlib
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "webbody" / "demo" / hashlib.sha256(output.encode()).hexdigest()[:16]
+
+
+def run_demo(output: str = "output/demo", use_prefect: bool = True, executor: str = "ray",
+             work: str | Path | None = None, port: int | None = None) -> dict:
+    """Build the demo corpus into `<output>/build`; `output` is a local folder or a URI (`s3://bucket/demo`).
+
+    The photos are served from a local folder, `work` (default: `output` itself when local, else
+    `default_work_dir(output)`), which also holds the generated config. The port is kept beside the build
+    (`<output>/demo_corpus/port`): URLs, hence sample ids, contain it, so a resumed demo serves on it again.
+    """
+    from flows.build import build_flow, build_plain, build_root
+    from pipeline import storage
+
+    root = build_root(output)
+    local = storage.is_local(root)
+    out = Path(work).resolve() if work is not None else (Path(root) if local else default_work_dir(root))
     files = out / "demo_corpus" / "files"
     files.mkdir(parents=True, exist_ok=True)
-    # URLs (and so sample ids) contain the port: a resumed demo serves on the port it used before.
-    port_file = out / "demo_corpus" / "port"
-    port = int(port_file.read_text()) if port_file.exists() else DEFAULT_PORT
+    port_uri = storage.join(root, "demo_corpus", "port")
+    if port is None:
+        port = int(storage.get_bytes(port_uri).decode()) if storage.exists(port_uri) else DEFAULT_PORT
     with serve_directory(files, port) as base_url:
-        port_file.write_text(base_url.rsplit(":", 1)[1])
+        storage.put_bytes(port_uri, base_url.rsplit(":", 1)[1].encode())
         config = prepare_demo_config(out, base_url, executor)
         fn = build_flow if use_prefect else build_plain
-        return fn(config_path=str(config), output=str(out / "build"))
+        return fn(config_path=str(config), output=storage.join(root, "build"))

@@ -7,7 +7,7 @@ a clear error naming the field, before anything runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,22 +17,53 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_EXECUTION = {"execution": True}
+
+
+def execution(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that changes how a stage runs, never what it writes (batch sizes, threads, actor counts,
+    timeouts): marked here once, and left out of every output's config hash by `hashed_dump`, so a resume with
+    other execution settings keeps its finished shards."""
+    return Field(default, json_schema_extra=_EXECUTION, **kwargs)
+
+
+def is_execution(model: type[BaseModel], name: str) -> bool:
+    return (model.model_fields[name].json_schema_extra or {}) == _EXECUTION
+
+
+def _hash_exclude(model: type[BaseModel]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if is_execution(model, name):
+            out[name] = True
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            sub = _hash_exclude(info.annotation)
+            if sub:
+                out[name] = sub
+    return out
+
+
+def hashed_dump(config: BaseModel) -> dict[str, Any]:
+    """The config as it enters an output's hash: JSON-mode dump without the execution fields (nested too)."""
+    return config.model_dump(mode="json", exclude=_hash_exclude(type(config)) or None)
+
+
 class RunConfig(_Strict):
     """Where and how stages run (execution only: none of these enters an output's config hash)."""
 
-    executor: Literal["local", "ray"] = "ray"
-    ray_address: str | None = None  # None = local Ray started in-process
+    executor: Literal["local", "ray"] = execution("ray")
+    ray_address: str | None = execution(None)  # None = local Ray started in-process
     # Actor pool of model stages: a fixed size, or None = from the cluster: floor(GPUs / actor_gpus) where
     # GPUs exist, else floor(CPUs / actor_cpus), within [min_actors, max_actors], never above pending shards.
-    num_actors: int | None = Field(1, ge=1)
-    min_actors: int = Field(1, ge=1)
-    max_actors: int | None = Field(None, ge=1)
-    actor_cpus: float = Field(0.5, gt=0)
-    actor_gpus: float = Field(0.0, ge=0)  # asked for only when the cluster has GPUs; 0.25 = 4 actors a GPU
+    num_actors: int | None = execution(1, ge=1)
+    min_actors: int = execution(1, ge=1)
+    max_actors: int | None = execution(None, ge=1)
+    actor_cpus: float = execution(0.5, gt=0)
+    actor_gpus: float = execution(0.0, ge=0)  # asked for only when the cluster has GPUs; 0.25 = 4 actors a GPU
     # CPU stages: one Ray task per shard, as many in flight as the cluster has CPUs / task_cpus.
-    task_cpus: float = Field(1.0, gt=0)
-    task_timeout_s: float | None = Field(None, gt=0)  # a unit running longer is cancelled and run again
-    task_retries: int = Field(2, ge=0)  # attempts after a unit's own error (lost workers/nodes don't count)
+    task_cpus: float = execution(1.0, gt=0)
+    task_timeout_s: float | None = execution(None, gt=0)  # a unit running longer is cancelled and run again
+    task_retries: int = execution(2, ge=0)  # attempts after a unit's own error (lost workers/nodes don't count)
 
 
 class QueryInput(_Strict):
@@ -62,8 +93,8 @@ class DownloadConfig(_Strict):
     retries: int = Field(1, ge=0)
     # No effect (kept so that older configs load): downloads run one task per manifest shard, as many at
     # once as the Ray cluster has CPUs; `thread_count` is the fetch threads per task.
-    processes_count: int = Field(2, ge=1)
-    thread_count: int = Field(16, ge=1)
+    processes_count: int = execution(2, ge=1)
+    thread_count: int = execution(16, ge=1)
     # Opt-out headers (X-Robots-Tag) honoured by default; an empty list is an explicit, logged override.
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
@@ -71,12 +102,12 @@ class DownloadConfig(_Strict):
     max_image_area: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default limit)
     max_body_bytes: int = Field(50_000_000, ge=1)  # a response body above this is cut off (body_too_large)
     allow_private_hosts: list[str] = Field(default_factory=list)  # e.g. ["127.0.0.1"] for tests and the demo
-    retry_failed: bool = True  # a second pass over failed URLs
+    retry_failed: bool = execution(True)  # a second pass over failed URLs
     # Where the per-shard tasks run: auto = the run section's executor (ray: one Ray task per manifest shard;
     # local: in-process, shard after shard); "local" or "ray" to choose for this stage only.
-    distributor: Literal["auto", "local", "ray"] = "auto"
-    task_timeout: float = Field(3600.0, gt=0)  # seconds per shard task before it is cancelled and run again
-    task_attempts: int = Field(3, ge=1)  # attempts per shard before its rows are committed as task_failed
+    distributor: Literal["auto", "local", "ray"] = execution("auto")
+    task_timeout: float = execution(3600.0, gt=0)  # seconds per shard task before it is cancelled and run again
+    task_attempts: int = execution(3, ge=1)  # attempts per shard before its rows are committed as task_failed
     user_agent_token: str | None = None  # e.g. "img2dataset", to match X-Robots-Tag directives for a UA
 
 
@@ -87,7 +118,7 @@ class PersonsConfig(_Strict):
     mode: Literal["all", "dominant"] = "all"
     box_padding: float = Field(0.05, ge=0)
     imgsz: int = Field(640, ge=32)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = execution(16, ge=1)
     device: str = "cpu"
     crop_format: Literal["png", "jpg"] = "jpg"
     crop_quality: int = Field(95, ge=1, le=100)
@@ -96,10 +127,10 @@ class PersonsConfig(_Strict):
     # Inference backend (pipeline/inference.py); auto = the fastest installed here. Part of the config hash.
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     # Execution only (left out of the output's config hash): None = the `run` section's value.
-    num_actors: int | None = Field(None, ge=1)
-    actor_cpus: float | None = Field(None, gt=0)
-    actor_gpus: float | None = Field(None, ge=0)  # asked for only when the machine has GPUs
-    threads: int = Field(0, ge=0)  # torch threads per actor; 0 = the machine's cores split over the actors
+    num_actors: int | None = execution(None, ge=1)
+    actor_cpus: float | None = execution(None, gt=0)
+    actor_gpus: float | None = execution(None, ge=0)  # asked for only when the machine has GPUs
+    threads: int = execution(0, ge=0)  # torch threads per actor; 0 = the machine's cores split over the actors
 
 
 class FacesConfig(_Strict):
@@ -113,9 +144,11 @@ class FacesConfig(_Strict):
     detector_input: int = Field(160, ge=32)  # square side the pre-crop is resized to (fixed-size models: theirs)
     detector_nms: float = Field(0.4, ge=0, le=1)
     min_detector_score: float = Field(0.0, ge=0, le=1)  # official: best box kept whatever its score; clean filters
-    embedder: Literal["kprpe", "arcface", "dlib"] = "kprpe"
-    # None = the embedder's known name (pipeline.faces.embedders.DEFAULT_MODELS); "random" (kprpe only) = random
-    # weights for tests and benchmarks.
+    # A registered embedder (pipeline/faces/embedders.py: kprpe, arcface, dlib, or one from `plugins`); an
+    # unknown name fails on the driver before any worker starts.
+    embedder: str = "kprpe"
+    # None = the embedder's registered default weights; "random" (kprpe only) = random weights for tests and
+    # benchmarks.
     embedder_model: str | None = None
     # Inference backend of the detector and the KP-RPE embedder (pipeline/inference.py); auto = the fastest
     # installed here (dlib and insightface's ArcFace keep their own runtimes). Part of the config hash.
@@ -125,9 +158,9 @@ class FacesConfig(_Strict):
     keypoint_conf: float = Field(0.5, ge=0, le=1)  # a body keypoint is visible at this YOLO confidence
     upper_body_margin: float = Field(0.5, ge=0)  # official crop_upper_body_from_body margin
     min_face_size: int = Field(16, ge=1)  # official rule: 2 * face side >= 16 px
-    batch_size: int = Field(16, ge=1)
-    device: str = "auto"  # auto = GPU when present (torch/onnxruntime), else CPU
-    num_threads: int | None = Field(None, ge=1)  # per-actor intra-op threads (None = library default)
+    batch_size: int = execution(16, ge=1)
+    device: str = execution("auto")  # auto = GPU when present (torch/onnxruntime), else CPU
+    num_threads: int | None = execution(None, ge=1)  # per-actor intra-op threads (None = library default)
 
 
 class EmbedderThresholds(_Strict):
@@ -150,8 +183,8 @@ class EmbedderThresholds(_Strict):
 
 
 class CleanConfig(_Strict):
-    # Per embedder name (kprpe|arcface|dlib); an embedder missing here uses DEFAULT_THRESHOLDS of
-    # pipeline/faces/embedders.py, then the official kprpe values.
+    # Per embedder name; an embedder missing here uses the thresholds it registered with
+    # (pipeline/faces/embedders.py), then the official kprpe values.
     thresholds: dict[str, EmbedderThresholds] = Field(default_factory=dict)
     top_k_clusters: int = Field(1, ge=1)  # largest DBSCAN clusters kept per name, each its own identity
     face_score: float = Field(0.95, ge=0, le=1)  # kept if score > this
@@ -207,6 +240,10 @@ class BuildConfig(_Strict):
     faces: FacesConfig = Field(default_factory=FacesConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
+    # User stages (pipeline/registry.py): modules imported before the build, each registering its stages, and
+    # each such stage's settings under its name (validated by the section model it registered).
+    plugins: list[str] = Field(default_factory=list)
+    extensions: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

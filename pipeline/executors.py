@@ -178,7 +178,8 @@ def run_planned_unit(stage: PlannedStage, unit: WorkUnit, inputs: dict[str, Data
         out.commit_shard(unit.id, table, stats, files=res.files, had_marker=had_marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _remove_work(work_uri)
+    if stage.uses_work_prefix:
+        _remove_work(work_uri)  # a request or two on object stores: only for stages that write there
     return stats
 
 

@@ -77,14 +77,6 @@ class Transform:
         """Image -> crop pixels for a crop whose top-left corner is at `window[:2]`."""
         return Transform(1.0, 1.0, -float(window[0]), -float(window[1]))
 
-    @staticmethod
-    def letterbox(src_w: int, src_h: int, size: int) -> Transform:
-        """Source -> `size` x `size` canvas: long side scaled to `size`, centred (bundle's 384 white canvas)."""
-        if src_w <= 0 or src_h <= 0:
-            raise ValueError(f"bad source size {src_w}x{src_h}")
-        s = size / max(src_w, src_h)
-        return Transform(s, s, (size - src_w * s) / 2.0, (size - src_h * s) / 2.0)
-
     def then(self, other: Transform) -> Transform:
         """First this transform, then `other`."""
         return Transform(
@@ -113,20 +105,48 @@ class Transform:
         return self.points(b).reshape(4)
 
 
-def letterbox_image(image: np.ndarray, size: int, fill: int = 255) -> tuple[np.ndarray, Transform]:
-    """Resize so the long side is `size`, centre on a `size` x `size` canvas of `fill`; return both.
+@dataclass(frozen=True)
+class Letterbox(Transform):
+    """The letterbox of a `new_w` x `new_h` resize pasted at (offset_x, offset_y): points map by the exact
+    scale (size / long side), the pasted pixels cover `content_box`."""
 
-    The canvas offset is rounded to whole pixels so the pasted image and the returned transform agree exactly.
-    """
+    new_w: int = 0
+    new_h: int = 0
+
+    def map_xy(self, x: float, y: float) -> tuple[float, float]:
+        return x * self.scale_x + self.offset_x, y * self.scale_y + self.offset_y
+
+    @property
+    def content_box(self) -> list[float]:
+        return [self.offset_x, self.offset_y, self.offset_x + self.new_w, self.offset_y + self.new_h]
+
+
+def letterbox_geometry(w: int, h: int, size: int) -> Letterbox:
+    """Where a `w` x `h` image goes on a `size` x `size` canvas: long side scaled to `size`, centred."""
+    if w <= 0 or h <= 0:
+        raise ValueError(f"bad source size {w}x{h}")
+    scale = size / max(w, h)
+    # round (not truncate) so a 383.9999 side does not lose a pixel column; never 0 for thin crops
+    new_w = max(1, min(size, int(round(w * scale))))
+    new_h = max(1, min(size, int(round(h * scale))))
+    return Letterbox(scale, scale, float((size - new_w) // 2), float((size - new_h) // 2), new_w, new_h)
+
+
+def letterbox_image(image: np.ndarray, size: int, fill: int = 255) -> tuple[np.ndarray, Letterbox]:
+    """Resize so the long side is `size`, centre on a `size` x `size` canvas of `fill`; return both. The one
+    letterbox of the pipeline (the bundle's 384 white canvas, test inputs of the model stages).
+
+    The paste offset is whole pixels; points map by the exact scale, so they are within half a pixel of the
+    pasted pixels' edges (`content_box`)."""
     import cv2
 
     h, w = image.shape[:2]
-    s = size / max(w, h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (nw, nh), interpolation=interp)
-    ox, oy = (size - nw) // 2, (size - nh) // 2
+    geo = letterbox_geometry(w, h, size)
+    # INTER_AREA when shrinking (no aliasing), bilinear when enlarging small crops.
+    interp = cv2.INTER_AREA if geo.scale_x < 1.0 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (geo.new_w, geo.new_h), interpolation=interp)
     canvas = np.empty((size, size) + image.shape[2:], dtype=image.dtype)
     canvas[...] = fill
-    canvas[oy:oy + nh, ox:ox + nw] = resized
-    return canvas, Transform(nw / w, nh / h, float(ox), float(oy))
+    top, left = int(geo.offset_y), int(geo.offset_x)
+    canvas[top : top + geo.new_h, left : left + geo.new_w] = resized
+    return canvas, geo

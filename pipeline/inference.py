@@ -14,7 +14,8 @@ runtime `Core` (never the `ovc` converter tool, which carries OpenVINO's telemet
 
 Pre- and post-processing of YOLO pose stays Ultralytics' own code (`LetterBox`, `nms.non_max_suppression`,
 `ops.scale_boxes`, `ops.scale_coords`), called the way its predictor calls them, so a compiled backend returns
-the same persons as `YOLO.predict`; only the network runs elsewhere.
+the same persons as `YOLO.predict`; only the network runs elsewhere. NMS is always torchvision's kernel (the one
+Ultralytics' predictor ends up using), never chosen by import history: see `CompiledPose.predict`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def choose_backend(requested: str, gpu: bool = False) -> str:
         if candidate in have:
             return candidate
     return "torch"
+
+
+def worker_threads(cfg: Any, num_actors: int | None = None, actor_cpus: float | None = None) -> int:
+    """Intra-op threads for one worker of a model stage (`cfg` a BuildConfig; `num_actors`/`actor_cpus` a stage
+    section's overrides of the run section's).
+
+    The local executor runs one worker: every core of this machine. On Ray, a fixed pool (`num_actors`) splits
+    this machine's cores over its actors; a pool sized from the cluster (`num_actors: null`, as
+    configs/webbody4m.yaml) has as many actors as the cluster has CPUs / `actor_cpus` (or GPUs / `actor_gpus`),
+    so each actor gets its CPU reservation, `actor_cpus` rounded down, at least one thread.
+    """
+    cores = os.cpu_count() or 1
+    if cfg.run.executor == "local":
+        return cores
+    actors = num_actors or cfg.run.num_actors
+    if actors:
+        return max(1, cores // actors)
+    cpus = actor_cpus if actor_cpus is not None else cfg.run.actor_cpus
+    return max(1, int(cpus))
 
 
 def import_openvino():
@@ -326,6 +346,12 @@ class CompiledPose:
 
         if not images:
             return []
+        # Ultralytics' NMS runs torchvision's kernel only when torchvision is already imported
+        # (`"torchvision" in sys.modules`), else its own TorchNMS, and the two keep different boxes among equal
+        # scores. Its torch predictor imports torchvision, so without this import a compiled stage's persons
+        # would depend on what the process ran before (a torch-backend stage, or nothing: a fresh Ray actor).
+        import torchvision  # noqa: F401 - imported for that side effect
+
         x = self.preprocess(images)
         raw = self.runner(x)[0]
         preds = nms.non_max_suppression(torch.from_numpy(raw), conf, iou, None, False, max_det=max_det,

@@ -30,10 +30,13 @@ from pipeline.inference import (
     PoseDetections,
     choose_backend,
     ultralytics_detections,
+    worker_threads,
     yolo_pose_onnx,
 )
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
+from schemas.devices import DeviceError, resolve_device
+from schemas.imaging import decode_image
 from schemas.persons import NUM_KEYPOINTS, PERSONS
 from schemas.tables import DOWNLOAD
 
@@ -116,19 +119,12 @@ def restricted_ultralytics_load():
 
 
 def pick_device(device: str) -> str:
-    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one). Asking for a GPU that is absent is a StageError."""
-    from pipeline.runtime import has_gpu
-
-    d = device.strip().lower()
-    if d == "auto":
-        return "cuda:0" if has_gpu() else "cpu"
-    if d.startswith("cuda") or d.isdigit():
-        if not has_gpu():
-            raise StageError(f"persons.device is '{device}' but this machine has no CUDA GPU: use 'cpu' or 'auto'")
-        return d if d.startswith("cuda") else f"cuda:{d}"
-    if d != "cpu":
-        raise StageError(f"persons.device '{device}' not understood: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return d
+    """'cpu', 'cuda[:n]' or 'auto' (a GPU when there is one), through schemas.devices; a GPU that is absent is a
+    StageError."""
+    try:
+        return resolve_device(device, "persons.device")
+    except DeviceError as exc:
+        raise StageError(str(exc)) from None
 
 
 class PersonsStage(ShardStage):
@@ -191,7 +187,6 @@ class PersonsStage(ShardStage):
 
     # -- rows ---------------------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> BatchResult:
-        import cv2
 
         drops: Counter = Counter()
         rows = batch.select(["sample_id", "label", "name", "url", "status", "image", "sha256"]).to_pylist()
@@ -201,8 +196,8 @@ class PersonsStage(ShardStage):
                 drops["not_downloaded"] += 1
                 continue
             data = row["image"]
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-            if img is None or img.size == 0:
+            img = decode_image(data, rgb=False)  # BGR, as YOLO takes it
+            if img is None:
                 log.warning("persons: %s could not be decoded (%d bytes)", row["sample_id"], len(data or b""))
                 drops["decode_error"] += 1
                 continue
@@ -281,26 +276,23 @@ def export_pose_model(source: str, imgsz: int, backend: str) -> Path:
 
 
 def executor_for(cfg: BuildConfig):
-    """The build's executor, with the persons section's actor settings where given."""
+    """The build's executor, with the persons section's actor settings where given (else the run section's)."""
     from pipeline.executors import make_executor
+    from pipeline.registry import ray_executor_options
 
     if cfg.run.executor == "local":
         return make_executor("local")
     p = cfg.persons
-    return make_executor(
-        "ray",
-        num_actors=p.num_actors or cfg.run.num_actors,
-        actor_cpus=p.actor_cpus if p.actor_cpus is not None else cfg.run.actor_cpus,
-        actor_gpus=p.actor_gpus if p.actor_gpus is not None else cfg.run.actor_gpus,
-        address=cfg.run.ray_address,
-    )
+    return make_executor("ray", **ray_executor_options(cfg, num_actors=p.num_actors, actor_cpus=p.actor_cpus,
+                                                       actor_gpus=p.actor_gpus))
 
 
 def threads_per_worker(cfg: BuildConfig) -> int:
+    """torch/runtime threads of one persons worker: `persons.threads`, else the worker's share of the cores
+    (pipeline.inference.worker_threads), with the persons section's pool settings overriding the run's."""
     if cfg.persons.threads:
         return cfg.persons.threads
-    actors = 1 if cfg.run.executor == "local" else (cfg.persons.num_actors or cfg.run.num_actors)
-    return max(1, (os.cpu_count() or 1) // actors)
+    return worker_threads(cfg, num_actors=cfg.persons.num_actors, actor_cpus=cfg.persons.actor_cpus)
 
 
 def run(cfg: BuildConfig, inputs: dict[str, Path], output: Path, overwrite: bool = False) -> dict:

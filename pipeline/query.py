@@ -549,9 +549,3 @@ def run(cfg: BuildConfig, inputs: dict, output: str | os.PathLike, overwrite: bo
 
         init_ray(cfg.run.ray_address)
     return build_manifest(cfg.query, output, overwrite=overwrite, parallel=parallel)
-
-
-def manifest_table(rows: list[dict]) -> pa.Table:
-    """Helper for callers that build a manifest by hand (tests, demo): ids filled in, schema validated."""
-    full = [{**r, "sample_id": r.get("sample_id") or sample_id(r["label"], r["url"])} for r in rows]
-    return MANIFEST.from_rows(full)

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from pipeline.config import BuildConfig
 from pipeline.stage import StageError
 
@@ -22,36 +24,100 @@ from pipeline.stage import StageError
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    module: str
+    module: str  # imported when the stage runs; it exposes run(cfg, inputs, output, overwrite) -> stats
     needs: tuple[str, ...]  # earlier stages whose outputs this stage reads
     description: str
+    # The stage's own config section: a pydantic model validating `cfg.extensions[name]` (user stages; the
+    # built-in stages have their sections on BuildConfig itself). None = the stage takes no settings.
+    section: type[BaseModel] | None = None
 
 
-STAGES: list[StageSpec] = [
-    StageSpec("query", "pipeline.query", (), "name queries -> URL manifest"),
-    StageSpec("download", "pipeline.download", ("query",), "URL manifest -> images (img2dataset)"),
-    StageSpec("persons", "pipeline.persons", ("download",), "images -> body crops + 17 keypoints (YOLO pose)"),
-    StageSpec("faces", "pipeline.faces", ("persons",), "body crops -> face box, landmarks, feature"),
-    StageSpec("clean", "pipeline.clean", ("faces", "persons"), "features -> clean identity selection"),
-    StageSpec("bundle", "pipeline.bundle", ("clean", "persons", "faces"), "selection -> WebDataset shards"),
-]
-STAGE_NAMES = [s.name for s in STAGES]
+_STAGES: dict[str, StageSpec] = {}  # in run order
+
+
+def register_stage(name: str, module: str, needs: tuple[str, ...] = (), description: str = "",
+                   after: str | None = None, section: type[BaseModel] | None = None,
+                   replace: bool = False) -> StageSpec:
+    """Add a stage to the pipeline, the way timm registers a model: the last stage by default, or right after
+    `after`. Every stage it `needs` must be registered before it. A user stage lives in its own module, named
+    in the config's `plugins` list, which calls this at import (tests/toy_stage.py is one)."""
+    if name in _STAGES and not replace:
+        if _STAGES[name].module == module:
+            return _STAGES[name]  # the same module imported twice (e.g. by a Ray worker): nothing to do
+        raise StageError(f"stage '{name}' is already registered by {_STAGES[name].module}")
+    unknown = [n for n in needs if n not in _STAGES or n == name]
+    if unknown:
+        raise StageError(f"stage '{name}' needs {unknown}, which are not registered stages before it")
+    if after is not None and after not in _STAGES:
+        raise StageError(f"stage '{name}': after='{after}' is not a registered stage")
+    spec = StageSpec(name, module, tuple(needs), description, section)
+    items = [(k, v) for k, v in _STAGES.items() if k != name]
+    at = len(items) if after is None else [k for k, _ in items].index(after) + 1
+    items.insert(at, (name, spec))
+    _STAGES.clear()
+    _STAGES.update(items)
+    return spec
+
+
+register_stage("query", "pipeline.query", (), "name queries -> URL manifest")
+register_stage("download", "pipeline.download", ("query",), "URL manifest -> images (img2dataset)")
+register_stage("persons", "pipeline.persons", ("download",), "images -> body crops + 17 keypoints (YOLO pose)")
+register_stage("faces", "pipeline.faces", ("persons",), "body crops -> face box, landmarks, feature")
+register_stage("clean", "pipeline.clean", ("faces", "persons"), "features -> clean identity selection")
+register_stage("bundle", "pipeline.bundle", ("clean", "persons", "faces"), "selection -> WebDataset shards")
+
+def unregister_stage(name: str) -> None:
+    """Remove a user stage (tests, notebooks); the built-in stages stay."""
+    if name in BUILTIN_STAGES:
+        raise StageError(f"stage '{name}' is built in and cannot be removed")
+    _STAGES.pop(name, None)
+
+
+BUILTIN_STAGES = ("query", "download", "persons", "faces", "clean", "bundle")
+
+
+def stage_names() -> list[str]:
+    return list(_STAGES)
 
 
 def get_stage(name: str) -> StageSpec:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise StageError(f"unknown stage '{name}': choose one of {', '.join(STAGE_NAMES)}")
+    try:
+        return _STAGES[name]
+    except KeyError:
+        raise StageError(f"unknown stage '{name}': choose one of {', '.join(_STAGES)} "
+                         "(a user stage's module must be in the config's `plugins`)") from None
 
 
-def available(name: str) -> bool:
-    """Whether the stage's module exists in this checkout (stages land one by one)."""
-    return importlib.util.find_spec(get_stage(name).module) is not None
+def load_plugins(cfg: BuildConfig) -> None:
+    """Import the config's `plugins` modules (each registers its stages), then check every `extensions`
+    section against its stage's section model: an unknown section or a bad value is a clear error."""
+    for mod in cfg.plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise StageError(f"plugin module '{mod}' (config `plugins`) could not be imported: {exc}") from exc
+    for name in cfg.extensions:
+        spec = _STAGES.get(name)
+        if spec is None or spec.section is None:
+            raise StageError(f"config section extensions.{name}: no registered stage '{name}' takes settings")
+        section_config(cfg, name)
+
+
+def section_config(cfg: BuildConfig, name: str) -> BaseModel | None:
+    """A user stage's validated settings (`extensions.<name>`, defaults where absent)."""
+    spec = get_stage(name)
+    if spec.section is None:
+        return None
+    try:
+        return spec.section.model_validate(cfg.extensions.get(name, {}))
+    except ValidationError as exc:
+        lines = [f"  extensions.{name}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise StageError("invalid config:\n" + "\n".join(lines)) from None
 
 
 def run_stage(name: str, cfg: BuildConfig, inputs: Mapping[str, str | os.PathLike], output: str | os.PathLike,
               overwrite: bool = False) -> dict[str, Any]:
+    load_plugins(cfg)
     spec = get_stage(name)
     missing = [n for n in spec.needs if n not in inputs]
     if missing:
@@ -69,11 +135,14 @@ def _location(loc: str | os.PathLike) -> str:
     return s
 
 
-def stages_until(until: str | None) -> list[StageSpec]:
-    if until is None:
-        return [s for s in STAGES if available(s.name)]
-    names = STAGE_NAMES[: STAGE_NAMES.index(get_stage(until).name) + 1]
-    return [get_stage(n) for n in names]
+def stages_until(until: str | None, cfg: BuildConfig | None = None) -> list[StageSpec]:
+    """The stages to run, in order, up to and including `until` (all when None); `cfg`'s plugins first."""
+    if cfg is not None:
+        load_plugins(cfg)
+    names = stage_names()
+    if until is not None:
+        names = names[: names.index(get_stage(until).name) + 1]
+    return [_STAGES[n] for n in names]
 
 
 def executor_from_config(cfg: BuildConfig):

@@ -160,8 +160,8 @@ class UnitContext:
 
     `inputs`/`output` are DatasetDirs on any storage (read only: the executor commits). `local_tmp` is
     an empty local folder for this attempt, deleted after the commit. `work_uri` is a per-unit scratch
-    prefix under the output (`_work/<id>`) for tools that write files themselves (img2dataset); the
-    executor deletes it after the commit.
+    prefix under the output (`_work/<id>`) for tools that write files themselves; the executor deletes it
+    after the commit when the stage sets `uses_work_prefix`.
     """
 
     inputs: dict[str, DatasetDir]
@@ -173,6 +173,10 @@ class UnitContext:
 
 class PlannedStage(Stage):
     """Base class of planned (and global) stages: `plan` on the driver, `run_unit` on workers."""
+
+    # True for a stage whose tools write files under `UnitContext.work_uri` themselves: the executor then
+    # deletes that prefix after each commit (a listing and deletes on object stores, so not for the rest).
+    uses_work_prefix: ClassVar[bool] = False
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         raise NotImplementedError

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -336,7 +337,7 @@ def list_dir(uri: Uri) -> dict[str, int]:
             return {}
         return out
     try:
-        entries = fs.ls(path, detail=True)
+        entries = _ls_one_request(fs, path)
     except FileNotFoundError:
         return {}
     prefix = path.rstrip("/") + "/"
@@ -349,6 +350,19 @@ def list_dir(uri: Uri) -> dict[str, int]:
         if name and "/" not in name:
             result[name] = int(e.get("size") or 0)
     return result
+
+
+def _ls_one_request(fs: Any, path: str) -> list[dict]:
+    """`fs.ls(path, detail=True)` in one request. s3fs's `ls` of an empty or missing prefix lists the PARENT
+    as well (to tell a missing folder from a file of that name): a second listing per new stage directory
+    and per missing prefix, which `list_dir` never needs. So for s3fs, its one-prefix listing is called
+    directly (same entries, no parent fallback); other file systems get their plain `ls`."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None and isinstance(fs, s3fs.S3FileSystem) and not fs.asynchronous:
+        from fsspec.asyn import sync
+
+        return sync(fs.loop, fs._lsdir, path.rstrip("/"), refresh=True)
+    return fs.ls(path, detail=True)
 
 
 def delete(uri: Uri, missing_ok: bool = True) -> None:

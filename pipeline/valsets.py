@@ -39,6 +39,7 @@ from pipeline.faces.embedders import FaceCrop
 from pipeline.shards import atomic_write_parquet
 from pipeline.stage import StageError
 from schemas.clean import VALSET_CENTERS
+from schemas.imaging import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ def write_bin(path: str | Path, images: list[bytes], issame: list[bool]) -> None
 
 
 def _decode(data: bytes) -> np.ndarray | None:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    return None if img is None or img.size == 0 else np.ascontiguousarray(img[:, :, ::-1])
+    return decode_image(data)
 
 
 class ValsetEmbedder:

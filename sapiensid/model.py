@@ -31,7 +31,6 @@ __all__ = [
     "SapiensID",
     "SapiensIDConfig",
     "embed_with_flip",
-    "foreground_mask_from_white",
     "hflip_inputs",
     "keep_count_for_batch",
     "load_sapiensid_weights",
@@ -39,7 +38,6 @@ __all__ = [
     "variable_keep_count",
 ]
 
-WHITE_ROW_THRESHOLD = 3 * 0.99  # mean summed RGB (in [0,1]) at or above which a row/column is padding
 
 
 class SapiensID(nn.Module):
@@ -86,32 +84,6 @@ def load_sapiensid_weights(model: SapiensID, path: str | Path) -> SapiensID:
     """Strictly load a released checkpoint: flat ``net.*`` or ``{"model_state_dict": {"model.net.*"}}``
     (.pth/.pt via ``torch.load(weights_only=True)``, or .safetensors). Raises CheckpointMismatchError."""
     return load_strict(model, path)  # type: ignore[return-value]
-
-
-def foreground_mask_from_white(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W) bool foreground by the white-padding rule.
-
-    A row (column) is padding when the mean over it of the summed RGB (in [0, 1]) is >= 2.97; the
-    foreground is the rectangle between the first and last non-padding row and column. An all-white
-    image has no such rows: it is treated as all foreground so it still yields tokens.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-    rgb = (images.float() + 1) / 2
-    summed = rgb.sum(dim=1)  # (B, H, W)
-    row_fg = summed.mean(dim=2) < WHITE_ROW_THRESHOLD  # (B, H)
-    col_fg = summed.mean(dim=1) < WHITE_ROW_THRESHOLD  # (B, W)
-
-    def span(flags: torch.Tensor) -> torch.Tensor:
-        n = flags.shape[1]
-        idx = torch.arange(n, device=flags.device)
-        any_fg = flags.any(dim=1, keepdim=True)
-        first = torch.where(flags, idx, n).amin(dim=1, keepdim=True)
-        last = torch.where(flags, idx, -1).amax(dim=1, keepdim=True)
-        inside = (idx >= first) & (idx <= last)
-        return torch.where(any_fg, inside, torch.ones_like(inside))
-
-    return span(row_fg)[:, :, None] & span(col_fg)[:, None, :]
 
 
 def hflip_inputs(

@@ -107,16 +107,11 @@ class TrainConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings, values parsed as YAML (numbers, bools, lists, null)."""
-    import yaml
+    """``key=value`` strings, values parsed as YAML (numbers, bools, lists, null): schemas.overrides, the
+    parser every WebBody CLI uses."""
+    from schemas.overrides import parse_overrides as parse
 
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not key=value")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    return parse(pairs)
 
 
 def infer_num_classes(shards: str | list[str], split: str) -> int:
@@ -175,12 +170,16 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    """`train.device` through schemas.devices (the resolver every model uses); under torchrun each process
+    takes its local rank's GPU."""
+    from schemas.devices import resolve_device
+
+    dev = resolve_device(name, "train.device")
+    if dev.startswith("cuda"):
+        index = local_rank if name.strip().lower() in ("auto", "cuda") else int(dev.split(":")[1])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(dev)
 
 
 def finished_checkpoints(root: Path) -> list[Path]:
@@ -228,6 +227,9 @@ class Trainer:
         if keep == "default":
             keep = default_keep_count(self.model_cfg.n_candidates, self.model_cfg.mask_ratio)
         self.keep_tokens: int | None = None if keep is None else int(keep)
+        # the model's own keep count is the fallback of every forward without n_keep: None must reach it too,
+        # or keep_tokens=None would leave the preset's default MRM on
+        self.model.set_keep_tokens(self.keep_tokens)
         variable = None
         if cfg.variable_masking:
             if self.keep_tokens is None:
@@ -393,17 +395,21 @@ class Trainer:
         return summary
 
 
-def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SapiensID:
-    """A SapiensID model from a training checkpoint directory (step_*/ or a run dir: its latest) or model.pt."""
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The model file a checkpoint path names: a run dir -> its latest finished ``checkpoints/step_*/model.pt``;
+    a ``step_*`` (or any) dir -> its ``model.pt``; a file -> itself. A run dir with no finished step is an error."""
     path = Path(checkpoint)
     if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
         done = finished_checkpoints(path / CHECKPOINT_DIR)
         if not done:
             raise FileNotFoundError(f"no finished checkpoint under {path / CHECKPOINT_DIR}")
         path = done[-1]
-    if path.is_dir():
-        path = path / "model.pt"
-    state = torch.load(path, map_location=device, weights_only=True)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> SapiensID:
+    """A SapiensID model from a training checkpoint directory (step_*/ or a run dir: its latest) or model.pt."""
+    state = torch.load(resolve_checkpoint(checkpoint), map_location=device, weights_only=True)
     model = SapiensID(SapiensIDConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

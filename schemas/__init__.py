@@ -1,6 +1,6 @@
 """pyarrow schemas and validators for every table and shard record WebBody writes."""
 
-from schemas.base import REGISTRY, SchemaError, TableSchema, get_schema, register
+from schemas.base import REGISTRY, SchemaError, TableSchema, register
 from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
 from schemas.clean import CLEAN, VALSET_CENTERS
 from schemas.faces import FACES
@@ -19,7 +19,6 @@ __all__ = [
     "REGISTRY",
     "SchemaError",
     "TableSchema",
-    "get_schema",
     "register",
     "VALSET_CENTERS",
     "validate_sample",

@@ -106,10 +106,3 @@ def register(ts: TableSchema) -> TableSchema:
         raise ValueError(f"schema '{ts.name}' registered twice with different definitions")
     REGISTRY[ts.name] = ts
     return ts
-
-
-def get_schema(name: str) -> TableSchema:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise SchemaError(f"unknown table '{name}'; known: {sorted(REGISTRY)}") from None

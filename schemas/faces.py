@@ -31,7 +31,7 @@ FACES = register(
                 pa.field("feature", pa.binary(), nullable=False),  # float16 little-endian, feature_dim values
                 pa.field("feature_dim", pa.int32(), nullable=False),
                 pa.field("feature_norm", pa.float32(), nullable=False),  # L2 norm of the float32 feature
-                pa.field("embedder", pa.string(), nullable=False),  # key of DEFAULT_THRESHOLDS: kprpe|arcface|dlib
+                pa.field("embedder", pa.string(), nullable=False),  # a registered embedder (pipeline/faces/embedders.py)
             ]
         ),
     )

@@ -34,6 +34,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "face_box": ((list, type(None)), False),  # [x1, y1, x2, y2] in the 384 frame
     "face_landmarks": ((list, type(None)), False),  # 5 x [x, y] ArcFace order, in the 384 frame
     "face_score": ((float, int, type(None)), False),
+    "crop_size": ((list,), False),  # [width, height] of the body crop the sample was rendered from, source px
+    "role": ((str, type(None)), False),  # WebBody-test: "query" | "gallery"; training samples: "train"
+    "subsets": ((str,), False),  # comma-separated train-subset names (e.g. "12m,4m"), "" for none
     "pipeline_version": ((str,), True),
     "config_hash": ((str,), True),
     "version": ((int,), True),
@@ -64,6 +67,11 @@ def validate_sample(meta: dict[str, Any], where: str = "") -> dict[str, Any]:
         box = meta.get(box_field)
         if box is not None and (len(box) != 4 or box[2] < box[0] or box[3] < box[1]):
             raise SchemaError(f"sample{loc}: field '{box_field}' must be [x1, y1, x2, y2] with x2>=x1, y2>=y1")
+    size = meta.get("crop_size")
+    if size is not None and (len(size) != 2 or any(not isinstance(v, int) or v < 1 for v in size)):
+        raise SchemaError(f"sample{loc}: field 'crop_size' must be [width, height] in pixels")
+    if meta.get("role") not in (None, "train", "query", "gallery"):
+        raise SchemaError(f"sample{loc}: field 'role' is {meta['role']!r}, not train, query or gallery")
     lm = meta.get("face_landmarks")
     if lm is not None and (len(lm) != 5 or any(len(p) != 2 for p in lm)):
         raise SchemaError(f"sample{loc}: field 'face_landmarks' must be 5 x [x, y]")

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.bundle import run
-from pipeline.bundle.render import letterbox_geometry
 from pipeline.bundle.splits import is_hard, make_splits
 from pipeline.bundle.verify import verify_bundle
+from pipeline.geometry import letterbox_geometry
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
 from schemas.sample import validate_sample
@@ -84,18 +84,19 @@ def test_record_geometry_matches_source(built):
     assert img.shape == (384, 384, 3)
     p, f = persons[r["person_id"]], faces[r["person_id"]]
     geo = letterbox_geometry(p["crop_width"], p["crop_height"], 384)
-    assert meta["content_box"] == [geo.left, geo.top, geo.left + geo.new_w, geo.top + geo.new_h]
+    left, top = int(geo.offset_x), int(geo.offset_y)
+    assert meta["content_box"] == [left, top, left + geo.new_w, top + geo.new_h]
     # long side 384, centred, white padding
-    assert max(geo.new_w, geo.new_h) == 384 and abs((384 - geo.new_w) - 2 * geo.left) <= 1
-    if geo.left > 2:
-        assert img[:, : geo.left - 1].min() >= 250
+    assert max(geo.new_w, geo.new_h) == 384 and abs((384 - geo.new_w) - 2 * left) <= 1
+    if left > 2:
+        assert img[:, : left - 1].min() >= 250
     for i in range(17):
         x, y, c = p["keypoints_crop"][3 * i: 3 * i + 3]
-        assert meta["keypoints"][i][0] == pytest.approx(x * geo.scale + geo.left, abs=1e-3)
-        assert meta["keypoints"][i][1] == pytest.approx(y * geo.scale + geo.top, abs=1e-3)
+        assert meta["keypoints"][i][0] == pytest.approx(x * geo.scale_x + left, abs=1e-3)
+        assert meta["keypoints"][i][1] == pytest.approx(y * geo.scale_x + top, abs=1e-3)
         assert meta["keypoints"][i][2] == pytest.approx(c, abs=1e-3)
-    assert meta["face_box"][0] == pytest.approx(f["face_box"][0] * geo.scale + geo.left, abs=1e-3)
-    assert meta["face_landmarks"][2][1] == pytest.approx(f["face_landmarks"][5] * geo.scale + geo.top, abs=1e-3)
+    assert meta["face_box"][0] == pytest.approx(f["face_box"][0] * geo.scale_x + left, abs=1e-3)
+    assert meta["face_landmarks"][2][1] == pytest.approx(f["face_landmarks"][5] * geo.scale_x + top, abs=1e-3)
     assert meta["url"] == p["url"] and meta["image_sha256"] == p["image_sha256"]
     assert meta["body_box"] == pytest.approx(list(p["box"]))
     assert meta["pipeline_version"] and len(meta["config_hash"]) == 16

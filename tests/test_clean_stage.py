@@ -160,10 +160,10 @@ def test_bad_rows_and_bad_inputs(tmp_path):
 
 def test_thresholds_come_from_config_then_embedder_defaults():
     from pipeline.clean.select import resolve_thresholds
-    from pipeline.faces.embedders import DEFAULT_THRESHOLDS
+    from pipeline.faces.embedders import embedder_entry
 
     cfg = BuildConfig.model_validate({"clean": {"thresholds": {"kprpe": {"merge": 0.8}}}}).clean
     assert resolve_thresholds(cfg, "kprpe").merge == 0.8
-    assert resolve_thresholds(cfg, "dlib").merge == DEFAULT_THRESHOLDS["dlib"]["merge"]
+    assert resolve_thresholds(cfg, "dlib").merge == embedder_entry("dlib").thresholds["merge"]
     with pytest.raises(ValueError, match="ambiguous"):
         BuildConfig.model_validate({"clean": {"thresholds": {"kprpe": {"merge": 0.5}}}})

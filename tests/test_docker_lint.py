@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.security import scan_for_secrets
+from tests.secret_scan import scan_for_secrets
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

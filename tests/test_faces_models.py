@@ -16,7 +16,7 @@ from pipeline.config import FacesConfig, PersonsConfig
 from pipeline.executors import LocalExecutor
 from pipeline.faces import FacesStage, decode_feature
 from pipeline.faces.detectors import FaceDetector
-from pipeline.faces.embedders import DEFAULT_THRESHOLDS, DlibEmbedder, FaceCrop
+from pipeline.faces.embedders import DlibEmbedder, FaceCrop, embedder_entry
 from pipeline.geometry import letterbox_image
 from pipeline.shards import DatasetDir
 from schemas.tables import DOWNLOAD
@@ -100,7 +100,7 @@ def test_dlib_embedder_recognises_obama(images, detections):
     obama = [i for i, n in enumerate(names) if n.split(":")[0] in OBAMA]
     rest = [i for i in range(len(names)) if i not in obama]
     assert len(obama) == 3
-    merge = DEFAULT_THRESHOLDS["dlib"]["merge"]
+    merge = embedder_entry("dlib").thresholds["merge"]
     for i in obama:
         same = [dist[i, j] for j in obama if j != i]
         assert max(same) < min(dist[i, j] for j in rest)  # closer to both other Obamas than to anyone else

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.assets import asset_path
 from pipeline.config import BuildConfig, FacesConfig
 from pipeline.executors import LocalExecutor, RayExecutor
-from pipeline.faces import FacesStage, decode_feature
+from pipeline.faces import FacesStage, decode_feature, stage_for
 from pipeline.faces.align import similarity_to_template, transform_points, warp_face
 from pipeline.faces.detectors import FaceDetector
 from pipeline.faces.embedders import ArcFaceEmbedder, FaceCrop, KPRPEEmbedder
@@ -193,7 +193,7 @@ def test_missing_weights_name_the_file_and_where(tmp_path, monkeypatch):
     cfg = FacesConfig(detector_model=str(asset_path("retinaface_mnet025.onnx")), embedder="kprpe")
     with pytest.raises(StageError, match="cvlface_adaface_vit_base_kprpe_webface12m"):
         FacesStage(cfg).setup()
-    with pytest.raises(StageError, match="only for the kprpe"):
+    with pytest.raises(StageError, match="random.*not allowed for the dlib"):
         FacesStage(FacesConfig(detector_model="retinaface_mnet025.onnx", embedder="dlib",
                                embedder_model="random")).setup()
 
@@ -227,3 +227,17 @@ def test_ray_actor_pool_matches_local(tmp_path, ray_local, photos):
     for sid in local.done_ids():
         assert local.parquet(sid).read_bytes() == ray_out.parquet(sid).read_bytes()
         assert local.shard_stats(sid)["drops"] == ray_out.shard_stats(sid)["drops"]
+
+
+def test_runtime_threads_follow_a_cluster_sized_pool(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    # Pool sized from the cluster (configs/webbody4m.yaml: num_actors null, 2 CPUs an actor): the actor's share.
+    sized = BuildConfig.model_validate({"run": {"executor": "ray", "num_actors": None, "actor_cpus": 2}})
+    assert stage_for(sized).config.num_threads == 2
+    assert stage_for(sized).config_hash() == FacesStage(sized.faces).config_hash()  # execution only
+    # Set by the user, a fixed pool or the local executor: left as configured (None = the library's default).
+    assert stage_for(sized.model_copy(update={"faces": FacesConfig(num_threads=3)})).config.num_threads == 3
+    assert stage_for(BuildConfig.model_validate({"run": {"executor": "ray", "num_actors": 2}})).config.num_threads \
+        is None
+    assert stage_for(BuildConfig.model_validate({"run": {"executor": "local", "num_actors": None}})).config \
+        .num_threads is None

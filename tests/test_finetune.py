@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -28,6 +29,7 @@ from sapiensid.finetune.samplers import PKSampler
 from sapiensid.finetune.synthetic import write_multidomain
 from sapiensid.model import SapiensID
 
+REPO = Path(__file__).resolve().parent.parent
 TINY = {"input_size": 32}  # 4x4 grid, 48 candidates: fast on a loaded CPU
 
 
@@ -241,20 +243,22 @@ def test_full_finetune_and_evaluation_report(small_set, tmp_path):
     assert r["image"]["top1"] == 100.0 and r["image"]["mAP"] == 100.0 and r["template"]["rank1"] == 100.0
 
 
+def synthetic_config_args(train: Path, test: Path, out: Path) -> list[str]:
+    """`webbody finetune` arguments that run the shipped configs/finetune_synthetic.yaml at a tiny size."""
+    sets = {"train_root": train, "eval_root": test, "output_dir": out, "model_overrides": "{input_size: 32}",
+            "p": 3, "k": 1, "max_steps": 2, "warmup_steps": 1, "ckpt_every": 1, "features": "[global]"}
+    return ["finetune", str(REPO / "configs" / "finetune_synthetic.yaml"),
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
 def test_cli_finetune_no_prefect(small_set, tmp_path):
     from flows.cli import main
 
-    cfg = tmp_path / "ft.yaml"
-    cfg.write_text(
-        "finetune:\n  base_model: tiny\n  model_overrides: {input_size: 32}\n"
-        f"  train_root: {small_set / 'train'}\n  eval_root: {small_set / 'test'}\n  output_dir: {tmp_path / 'run'}\n"
-        "  p: 3\n  k: 1\n  max_steps: 2\n  threads: 1\n  features: [global]\n  protocols: ['vis->ir']\n"
-    )
-    assert main(["finetune", str(cfg), "--no-prefect", "--set", "warmup_steps=1"]) == 0
+    assert main([*synthetic_config_args(small_set / "train", small_set / "test", tmp_path / "run"), "--no-prefect"]) == 0
     rep = json.loads((tmp_path / "run" / "eval" / "finetuned" / "finetune_eval.json").read_text())
-    assert "vis->ir" in rep["results"]["global"]
+    assert set(rep["results"]["global"]) == {"vis->ir", "ir->vis"}  # the config's protocols
     assert (tmp_path / "run" / "eval" / "base" / "finetune_eval.md").read_text().count("| global | vis->ir |") == 1
-    assert (tmp_path / "run" / "final" / "model.pt").is_file()
+    assert (tmp_path / "run" / "final" / "model.pt").is_file() and (tmp_path / "run" / "final" / "adapter").is_dir()
     with pytest.raises(ValueError, match="unknown finetune config"):
         FinetuneConfig.from_dict({"learning_rate": 1})
 

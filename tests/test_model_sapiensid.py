@@ -15,7 +15,6 @@ from sapiensid.model import (
     SapiensID,
     SapiensIDConfig,
     embed_with_flip,
-    foreground_mask_from_white,
     hflip_inputs,
     load_sapiensid_weights,
 )
@@ -186,16 +185,6 @@ def test_select_tokens_valid_first():
     assert ids.tolist() == [[1, 3, 4]] and ok.all()
     ids, ok = select_tokens(valid, None, training=True)
     assert sorted(ids[0].tolist()) == [1, 3, 4] and ok.all()
-
-
-def test_foreground_mask_from_white():
-    img = torch.ones(1, 3, 48, 48)
-    img[:, :, 4:40, 10:30] = torch.rand(1, 3, 36, 20) * 0.5
-    mask = foreground_mask_from_white(img)
-    expected = torch.zeros(1, 48, 48, dtype=torch.bool)
-    expected[:, 4:40, 10:30] = True
-    assert torch.equal(mask, expected)
-    assert foreground_mask_from_white(torch.ones(1, 3, 8, 8)).all()
 
 
 def test_base_state_dict_matches_release_manifest():

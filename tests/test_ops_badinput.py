@@ -27,10 +27,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.security import scan_for_secrets
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
 from tests.faults import subprocess_env
+from tests.secret_scan import scan_for_secrets
 from tests.servers import Route, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.realmodel]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.security import scan_for_secrets, secret_values_from_env
+from tests.secret_scan import scan_for_secrets, secret_values_from_env
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY_DIRS = ["pipeline", "flows", "sapiensid", "schemas", "benchmarks"]

@@ -4,6 +4,7 @@ download): drop reasons, geometry of every row, crops, modes, weights errors, lo
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,11 +12,11 @@ import pyarrow as pa
 import pytest
 
 from pipeline.assets import asset_path
-from pipeline.config import BuildConfig, PersonsConfig
+from pipeline.config import BuildConfig, PersonsConfig, load_config
 from pipeline.executors import LocalExecutor, RayExecutor
 from pipeline.geometry import crop_window, crop_with_fill, letterbox_image, pad_box
-from pipeline.inference import choose_backend, installed_backends
-from pipeline.persons import PersonsStage, pick_device, resolve_model, run
+from pipeline.inference import installed_backends
+from pipeline.persons import PersonsStage, executor_for, pick_device, resolve_model, run, threads_per_worker
 from pipeline.runtime import cache_dir, has_gpu
 from pipeline.shards import DatasetDir, format_shard_id
 from pipeline.stage import StageError
@@ -167,14 +168,7 @@ def test_jpeg_crops_are_high_quality(tiny_stage):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, open: after a torch-backend PersonsStage has been built in the same process, a compiled "
-    "(OpenVINO/ONNX Runtime) stage of the random-init yaml model gives keypoints that differ from a fresh "
-    "process's (up to 128 px) while boxes and crops agree; in a fresh process local and Ray are byte-identical. "
-    "This test runs after the torch and onnxruntime parametrizations, so it sees that state."))
 def test_ray_actor_pool_matches_local(tmp_path, ray_local, tiny_stage):
-    if tiny_stage.backend != choose_backend("auto"):
-        pytest.skip("local vs Ray identity is checked for the default backend (each Ray start costs ~1 min here)")
     shards = [mixed_rows(), [download_row("g", "grace_hopper.jpg", size=160), download_row("h", "t1.jpg", 160)]]
     write_download(tmp_path / "download", shards)
     LocalExecutor().run(tiny_stage, tmp_path / "download", tmp_path / "local")
@@ -183,12 +177,11 @@ def test_ray_actor_pool_matches_local(tmp_path, ray_local, tiny_stage):
     assert summary.processed == ["00000", "00001"]
     local, ray_out = DatasetDir(tmp_path / "local"), DatasetDir(tmp_path / "ray")
     for sid in ("00000", "00001"):
-        a, b = local.read_shard(sid), ray_out.read_shard(sid)
-        assert a.num_rows == b.num_rows > 0
-        assert a.column("person_id").to_pylist() == b.column("person_id").to_pylist()
-        assert a.column("crop").to_pylist() == b.column("crop").to_pylist()
-        assert np.allclose(np.array(a.column("keypoints").to_pylist()), np.array(b.column("keypoints").to_pylist()),
-                           atol=1e-3)
+        assert local.read_shard(sid).num_rows > 0
+        # Byte-identical: this process has run other backends' stages before (the module's earlier
+        # parametrisations, a torch one first), the actor is a fresh process (tests the NMS choice in
+        # pipeline/inference.py CompiledPose.predict).
+        assert Path(local.parquet(sid)).read_bytes() == Path(ray_out.parquet(sid)).read_bytes(), sid
     assert summary.stats["drops"] == {"decode_error": 2, "not_downloaded": 1}
 
 
@@ -239,3 +232,24 @@ def test_config_hash_ignores_execution_settings():
     assert PersonsStage(PersonsConfig(batch_size=64, num_actors=4, threads=3, actor_cpus=1)).config_hash() == base
     assert PersonsStage(PersonsConfig(conf_threshold=0.5)).config_hash() != base
     assert PersonsStage(PersonsConfig(mode="dominant")).config_hash() != base
+
+
+def test_threads_per_worker_follows_the_pool(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    # configs/webbody4m.yaml sizes the pool from the cluster (num_actors null, 2 CPUs an actor): the actor's share.
+    paper = load_config(Path(__file__).parents[1] / "configs" / "webbody4m.yaml")
+    assert paper.run.num_actors is None and paper.run.actor_cpus == 2
+    assert threads_per_worker(paper) == 2
+    assert threads_per_worker(paper.model_copy(update={"persons": paper.persons.model_copy(
+        update={"actor_cpus": 0.5})})) == 1  # a fractional reservation still gets a thread
+    assert threads_per_worker(paper.model_copy(update={"persons": paper.persons.model_copy(
+        update={"actor_cpus": 4.0})})) == 4
+    # A fixed pool splits the machine's cores; the persons section overrides the run section; threads wins.
+    fixed = BuildConfig.model_validate({"run": {"executor": "ray", "num_actors": 4}})
+    assert threads_per_worker(fixed) == 2
+    assert threads_per_worker(fixed.model_copy(update={"persons": PersonsConfig(num_actors=8)})) == 1
+    assert threads_per_worker(fixed.model_copy(update={"persons": PersonsConfig(threads=3)})) == 3
+    assert threads_per_worker(BuildConfig.model_validate({"run": {"executor": "local", "num_actors": None}})) == 8
+    # The executor built from the same config sizes the pool from the cluster within the run's bounds.
+    ex = executor_for(paper)
+    assert ex.num_actors is None and ex.actor_cpus == 2 and ex.max_actors == 512

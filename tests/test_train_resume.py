@@ -85,3 +85,31 @@ def test_torchrun_two_ranks_train_and_resume(shard_dir, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["step"] == 4
     assert [h["step"] for h in r0["history"]] == [1, 2]
+
+
+def test_keep_tokens_none_turns_mrm_off(shard_dir, tmp_path):
+    """`keep_tokens: null` trains on every valid token; an int sets the model's keep count."""
+    from sapiensid.data import to_model_inputs
+
+    trainer = Trainer(_cfg(shard_dir, tmp_path / "off", keep_tokens=None, variable_masking=False,
+                           model_overrides={"input_size": 32}, max_steps=1))
+    assert trainer.model.keep_tokens is None
+    seen: list[int] = []
+    hook = trainer.model.net.backbone.blocks[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1]))
+    try:
+        batch = next(trainer.loader)
+        trainer.train_step(batch)
+        images, masks, ldmks = to_model_inputs(batch, trainer.device)
+        trainer.model.eval()
+        with torch.no_grad():
+            _, aux = trainer.model.net(images, masks, ldmks, return_aux=True)
+    finally:
+        hook.remove()
+        trainer.loader.close()
+    most_valid = int(aux["valid"].sum(dim=1).max())
+    assert most_valid > 16  # more than the preset's MRM count int(48 * 0.34) = 16, so the check can fail
+    assert seen[0] == most_valid + 2  # training step: CLS + every valid token + the mask token
+
+    on = Trainer(_cfg(shard_dir, tmp_path / "on", keep_tokens=10, variable_masking=False, max_steps=1))
+    assert on.model.keep_tokens == 10
+    on.loader.close()

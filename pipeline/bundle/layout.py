@@ -52,9 +52,9 @@ def key_hash(text: str) -> str:
 class Ledger:
     """What one listing of a bundle folder says: the tars and parts present, with sizes."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, files: dict[str, int] | None = None):
         self.store = store
-        self.files = store.listing()
+        self.files = store.listing() if files is None else files
         self.parts = store.listing(PARTS)
 
     def shard_done(self, shard: str) -> bool:
@@ -72,13 +72,14 @@ def read_shard_stats(store: Store, shards: list[str]) -> list[dict]:
     return [store.read_json(part_stats(s)) for s in sorted(shards)]
 
 
-def claim(store: Store, meta: dict, overwrite: bool) -> bool:
+def claim(store: Store, meta: dict, overwrite: bool, files: dict[str, int] | None = None) -> bool:
     """Record in `_stage.json` which config and plan own this bundle; True when an older owner's files must go.
 
     The same rule as `pipeline.shards.claim_output`, over a Store so it also holds on object stores.
+    `files`: the folder's listing when the caller has one (no request to ask whether `_stage.json` exists).
     """
     changed = False
-    if store.exists("_stage.json"):
+    if "_stage.json" in (store.listing() if files is None else files):
         old = store.read_json("_stage.json")
         if old != meta:
             if not overwrite:
@@ -110,19 +111,20 @@ def clean_temporaries(store: Store) -> None:
                 store.delete(f"{sub}/{name}" if sub else name)
 
 
-def removed_hashes(out: str | Store) -> dict[str, set[str]]:
+def removed_hashes(out: str | Store, files: dict[str, int] | None = None) -> dict[str, set[str]]:
     store = as_store(out)
-    data = store.read_json("_removed.json") if store.exists("_removed.json") else {}
+    data = store.read_json("_removed.json") if "_removed.json" in (
+        store.listing() if files is None else files) else {}
     return {"keys": set(data.get("keys", [])), "identities": set(data.get("identities", []))}
 
 
 def sibling_funnel(out: str | Store) -> list[dict]:
     """Rows in/out and drops of every earlier stage found beside the bundle (`<build>/<stage>/stats.json`)."""
-    from pipeline.registry import STAGE_NAMES
+    from pipeline.registry import stage_names
 
     build = as_store(out).parent()
     rows = []
-    for name in STAGE_NAMES:
+    for name in stage_names():
         if name == "bundle":
             continue
         try:

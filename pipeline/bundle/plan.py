@@ -48,10 +48,30 @@ class ShardSet:
     parquet size; markers are read lazily, once, and only for the shards asked about.
     """
 
-    def __init__(self, root: str | Store):
+    def __init__(self, root: str | Store, vouched: dict[str, int] | None = None):
+        """`vouched`: shard id -> parquet size, from a planner that already checked those shards' markers
+        (a pack task gets them with its window): no listing and no marker read; the reader checks the
+        size of the parquet it opens instead (`check_size`)."""
         self.store = as_store(root)
-        self.files = self.store.listing()
-        self._done: dict[str, bool] = {}
+        self.vouched = vouched
+        if vouched is None:
+            self.files = self.store.listing()
+            self._done: dict[str, bool] = {}
+        else:
+            self.files = {n: v for sid, size in vouched.items()
+                          for n, v in ((f"part-{sid}.parquet", size), (f"part-{sid}.done", 0))}
+            self._done = dict.fromkeys(vouched, True)
+
+    def verified(self) -> dict[str, int]:
+        """Shard id -> parquet size of every shard whose marker was read and matched (for `vouched`)."""
+        return {sid: self.files[f"part-{sid}.parquet"] for sid, ok in sorted(self._done.items()) if ok}
+
+    def check_size(self, sid: str, actual: int) -> None:
+        expected = self.files.get(f"part-{sid}.parquet")
+        if expected != actual:
+            raise StageError(f"{self.store.url(self.parquet_name(sid))} is {actual} bytes, but its marker said "
+                             f"{expected} when the bundle was planned: the input changed during the run; run "
+                             "the bundle again")
 
     def ids(self) -> list[str]:
         """Ids with a parquet and a marker listed (the marker's content not yet checked)."""
@@ -79,6 +99,8 @@ class ShardSet:
             return None
         # Through a random-access file: only the asked columns' chunks are read (ranged GETs on object stores).
         with self.store.open(self.parquet_name(sid)) as fh:
+            self.check_size(sid, fh.seek(0, 2))
+            fh.seek(0)
             return pq.ParquetFile(fh).read(columns=columns)
 
 
@@ -104,6 +126,13 @@ class BundlePlan:
     centers: dict[str, tuple[np.ndarray, int, str]]  # identity -> (sum of raw features, count, embedder)
     rows_in: int
     drops: Counter
+    # "persons"/"faces" -> shard id -> parquet size, for the input shards whose markers planning checked
+    verified: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def vouched_for(self, shards: dict[str, list[Planned]]) -> dict[str, dict[str, int]]:
+        """What a pack task of these bundle shards may trust without reading markers again."""
+        ins = {p.in_shard for ps in shards.values() for p in ps}
+        return {k: {s: v for s, v in sizes.items() if s in ins} for k, sizes in self.verified.items()}
 
     def by_shard(self) -> dict[str, list[Planned]]:
         out: dict[str, list[Planned]] = {}
@@ -197,4 +226,5 @@ def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, face
             i += 1
         ordered.extend(part)
     ordered.sort(key=lambda s: (s.window, s.split != "train", s.shard, s.position))
-    return BundlePlan(ordered, splits, centers, rows_in, drops)
+    return BundlePlan(ordered, splits, centers, rows_in, drops,
+                      verified={"persons": pset.verified(), "faces": fset.verified()})

@@ -8,12 +8,13 @@ landmarks) is mapped from body-crop pixels into that square with the same scale 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from pipeline.geometry import Letterbox, letterbox_image
+from schemas.imaging import decode_image
 from schemas.sample import KEYPOINT_VISIBLE, NUM_BODY_KEYPOINTS, SAMPLE_VERSION
 
 
@@ -25,48 +26,12 @@ class RenderError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    scale: float
-    left: int
-    top: int
-    new_w: int
-    new_h: int
-
-    def map_xy(self, x: float, y: float) -> tuple[float, float]:
-        return x * self.scale + self.left, y * self.scale + self.top
-
-    @property
-    def content_box(self) -> list[float]:
-        return [float(self.left), float(self.top), float(self.left + self.new_w), float(self.top + self.new_h)]
-
-
-def letterbox_geometry(w: int, h: int, size: int) -> Letterbox:
-    scale = size / max(w, h)
-    # round (not truncate) so a 383.9999 side does not lose a pixel column; never 0 for thin crops
-    new_w = max(1, min(size, int(round(w * scale))))
-    new_h = max(1, min(size, int(round(h * scale))))
-    return Letterbox(scale, (size - new_w) // 2, (size - new_h) // 2, new_w, new_h)
-
-
 def decode_crop(data: bytes) -> np.ndarray:
     """Encoded crop bytes -> RGB uint8; RenderError('decode_error') if it does not decode."""
-    buf = np.frombuffer(data or b"", dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-    if bgr is None or bgr.size == 0:
+    rgb = decode_image(data)
+    if rgb is None:
         raise RenderError("decode_error", "body crop does not decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def letterbox_image(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    h, w = rgb.shape[:2]
-    geo = letterbox_geometry(w, h, size)
-    # INTER_AREA when shrinking (no aliasing), bilinear when enlarging small crops.
-    interp = cv2.INTER_AREA if geo.scale < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(rgb, (geo.new_w, geo.new_h), interpolation=interp)
-    canvas = np.full((size, size, 3), 255, dtype=np.uint8)
-    canvas[geo.top : geo.top + geo.new_h, geo.left : geo.left + geo.new_w] = resized
-    return canvas, geo
+    return rgb
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -123,7 +88,7 @@ def render_sample(person: dict[str, Any], face: dict[str, Any] | None, plan: dic
                   quality: int, pipeline_version: str, cfg_hash: str) -> tuple[bytes, dict[str, Any], int]:
     """Returns (jpg bytes, metadata record, keypoints moved out of frame)."""
     rgb = decode_crop(person["crop"])
-    canvas, geo = letterbox_image(rgb, size)
+    canvas, geo = letterbox_image(rgb, size, fill=255)
     jpg = encode_jpeg(canvas, quality)
     kps, outside = map_keypoints(list(person["keypoints_crop"]), geo, size)
     face_box = landmarks = None

@@ -74,9 +74,11 @@ class Store:
     # -- reading ----------------------------------------------------------------------------------------------
     def listing(self, sub: str = "") -> dict[str, int]:
         """{file name: size} of the folder (or its subfolder `sub`): one listing call; {} when absent."""
+        from pipeline.storage import _ls_one_request
+
         where = self.join(sub) if sub else self.path
         try:
-            entries = self.fs.ls(where, detail=True)
+            entries = _ls_one_request(self.fs, where)  # s3fs: no second listing of the parent when empty
         except FileNotFoundError:
             return {}
         out = {}
@@ -89,6 +91,9 @@ class Store:
         return self.fs.cat_file(self.join(name))
 
     def read_json(self, name: str) -> Any:
+        """A small JSON object (a marker, stats): one GET (s3fs otherwise asks the size first)."""
+        if hasattr(self.fs, "max_concurrency"):
+            return json.loads(self.fs.cat_file(self.join(name), max_concurrency=1))
         return json.loads(self.read_bytes(name))
 
     def read_range(self, name: str, offset: int, size: int) -> bytes:

@@ -62,8 +62,13 @@ def pipeline_version() -> str:
 
 
 def build_config_hash(cfg: BuildConfig) -> str:
-    # `run` says where the work runs, not what it makes: it must not change the records' bytes.
-    return config_hash(cfg.model_dump(mode="json", exclude={"run"}))
+    # `run` says where the work runs, not what it makes: it must not change the records' bytes. The user-stage
+    # fields (plugins, extensions) enter only when used, so builds made before they existed keep their hash.
+    doc = cfg.model_dump(mode="json", exclude={"run"})
+    for key in ("plugins", "extensions"):
+        if not doc[key]:
+            del doc[key]
+    return config_hash(doc)
 
 
 def iter_wanted_rows(shards: ShardSet, sid: str, columns: list[str], wanted: set[str]):
@@ -76,6 +81,8 @@ def iter_wanted_rows(shards: ShardSet, sid: str, columns: list[str], wanted: set
     import pyarrow.parquet as pq
 
     with shards.store.open(shards.parquet_name(sid)) as fh:
+        shards.check_size(sid, fh.seek(0, 2))
+        fh.seek(0)
         pf = pq.ParquetFile(fh)
         for rg in range(pf.num_row_groups):
             ids = pf.read_row_group(rg, columns=["person_id"]).column("person_id")
@@ -96,14 +103,18 @@ def pa_array(values: set[str]):
 
 
 def pack_window(out_dir: str, shards: dict[str, list[Planned]], persons_dir: str, faces_dir: str,
-                bcfg: BundleConfig, version: str, cfg_hash: str) -> list[dict]:
+                bcfg: BundleConfig, version: str, cfg_hash: str,
+                vouched: dict[str, dict[str, int]] | None = None) -> list[dict]:
     """Render one window's samples and write its shards `shards` (name -> planned samples, in order).
 
-    Pure function of its arguments (runs as a Ray task); returns each shard's stats.
+    Pure function of its arguments (runs as a Ray task); returns each shard's stats. `vouched`: the input
+    shards' sizes whose markers planning checked (`BundlePlan.vouched_for`); without it the task lists the
+    inputs and reads their markers itself.
     """
     t0 = time.perf_counter()
     out = as_store(out_dir)
-    pset, fset = ShardSet(persons_dir), ShardSet(faces_dir)
+    vouched = vouched or {}
+    pset, fset = ShardSet(persons_dir, vouched.get("persons")), ShardSet(faces_dir, vouched.get("faces"))
     by_input: dict[str, dict[str, Planned]] = {}
     for planned in shards.values():
         for p in planned:
@@ -207,18 +218,20 @@ def run_bundle(cfg: BuildConfig, inputs: dict[str, str | Path], output: str | Pa
     out = as_store(output)
     out.makedirs()
     clean_temporaries(out)
-    if claim(out, meta, overwrite):
+    files = out.listing()  # one listing answers the claim, the opt-out check and which shards are done
+    if claim(out, meta, overwrite, files):
         discard_outputs(out)
+        files = out.listing()
     shards = plan.by_shard()
     # Opt-outs applied by `webbody remove` stay applied: their samples are never written again. Filtering after
     # the shard assignment keeps every other sample in the shard and position it already has.
-    removed = removed_hashes(out)
+    removed = removed_hashes(out, files)
     if removed["keys"]:
         shards = {s: [p for p in ps if key_hash(p.key) not in removed["keys"]] for s, ps in shards.items()}
         shards = {s: ps for s, ps in shards.items() if ps}
         for ident in [i for i in plan.centers if key_hash(i) in removed["identities"]]:
             del plan.centers[ident]
-    ledger = Ledger(out)
+    ledger = Ledger(out, files)
     tasks = []
     for _, names in sorted(plan.windows().items()):
         todo = {s: shards[s] for s in names if s in shards and not ledger.shard_done(s)}
@@ -226,6 +239,12 @@ def run_bundle(cfg: BuildConfig, inputs: dict[str, str | Path], output: str | Pa
             tasks.append(todo)
     args = (str(inputs["persons"]), str(inputs["faces"]), bcfg, version, chash)
     bar = progress(total=sum(len(t) for t in tasks), desc="bundle", unit="shard")
+    written: dict[str, dict] = {}  # shard -> the stats its pack task returned (no need to read them back)
+
+    def packed(results: list[dict]) -> None:
+        written.update((r["shard"], r) for r in results)
+        bar.update(len(results))
+
     if tasks and cfg.run.executor == "ray" and len(tasks) > 1:
         import ray
 
@@ -234,15 +253,16 @@ def run_bundle(cfg: BuildConfig, inputs: dict[str, str | Path], output: str | Pa
         init_ray(cfg.run.ray_address)
         # memory= makes Ray place no more pack tasks on a node than its memory holds (row group + window faces)
         remote = ray.remote(num_cpus=1, memory=bcfg.pack_memory_mb << 20)(pack_window)
-        pending = [remote.remote(out.uri, t, *args) for t in tasks]
+        pending = [remote.remote(out.uri, t, *args, plan.vouched_for(t)) for t in tasks]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(ray.get(ready[0])))
+            packed(ray.get(ready[0]))
     else:
         for t in tasks:
-            bar.update(len(pack_window(out.uri, t, *args)))
+            packed(pack_window(out.uri, t, *args, plan.vouched_for(t)))
     bar.close()
-    shard_stats = read_shard_stats(out, list(shards))
+    earlier = read_shard_stats(out, [s for s in shards if s not in written])  # done by an earlier run
+    shard_stats = sorted([*earlier, *(written[s] for s in shards if s in written)], key=lambda st: st["shard"])
     write_centers(out, plan.centers)
     extra = {
         "rows_in": plan.rows_in,

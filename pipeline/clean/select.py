@@ -22,19 +22,21 @@ from pipeline.clean.merge import merge_identities
 from pipeline.clean.overlap import ValSet, remove_val_overlap
 from pipeline.clean.state import CleanState
 from pipeline.config import CleanConfig, EmbedderThresholds
-from pipeline.faces.embedders import DEFAULT_THRESHOLDS
 
 log = logging.getLogger(__name__)
 
 
 def resolve_thresholds(cfg: CleanConfig, embedder: str | None) -> EmbedderThresholds:
-    """Config first, then DEFAULT_THRESHOLDS of the faces embedders, then the official (kprpe) values."""
+    """Config first, then the thresholds the embedder registered with (pipeline/faces/embedders.py), then the
+    official (kprpe) values for features of an embedder this process does not know."""
+    from pipeline.faces.embedders import EMBEDDERS
+
     if embedder is None:
         return EmbedderThresholds()
     if embedder in cfg.thresholds:
         return cfg.thresholds[embedder]
-    found = DEFAULT_THRESHOLDS.get(embedder)
-    return EmbedderThresholds.model_validate(found) if found is not None else EmbedderThresholds()
+    entry = EMBEDDERS.get(embedder)
+    return EmbedderThresholds.model_validate(dict(entry.thresholds)) if entry is not None else EmbedderThresholds()
 
 
 def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds,

@@ -65,15 +65,15 @@ def _stage_meta(cfg: BuildConfig, inp: DatasetDir, persons: DatasetDir | None) -
 
 
 def _check_input(inp: DatasetDir) -> None:
-    stats = read_stats(inp.root)
+    stats = read_stats(inp)
     if stats is None:
         raise StageError(
-            f"{inp.root} has no stats.json: the faces stage has not finished every shard; clean needs all "
+            f"{inp.uri} has no stats.json: the faces stage has not finished every shard; clean needs all "
             "of them (it is global). Finish the faces stage first (webbody build ... --until faces)"
         )
     done = inp.done_ids()
     if len(done) != stats.get("shards", len(done)):
-        raise StageError(f"{inp.root}: stats.json names {stats.get('shards')} shards but {len(done)} are done")
+        raise StageError(f"{inp.uri}: stats.json names {stats.get('shards')} shards but {len(done)} are done")
 
 
 def _shard_table(loaded: Loaded, k: int, identity: np.ndarray) -> tuple[pa.Table, dict]:

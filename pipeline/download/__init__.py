@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import BuildConfig, DownloadConfig
+from pipeline.config import BuildConfig, DownloadConfig, hashed_dump
 from pipeline.download.errors import RETRYABLE
 from pipeline.rollup import write_rollup
 from pipeline.shards import ROLLUP, DatasetDir
@@ -50,11 +50,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "download"
 TASK_FAILED = "task_failed"
-# Settings that change how fast a download runs, not what it produces: they may change between a run and
-# its resume without invalidating finished shards.
-RUNTIME_ONLY = ("processes_count", "thread_count", "distributor", "retry_failed", "task_timeout",
-                "task_attempts")
-
 __all__ = ["RETRYABLE", "STAGE", "DownloadStage", "check_config", "download", "retry_failed_urls", "run"]
 
 
@@ -70,7 +65,9 @@ class DownloadStage(PlannedStage):
         self.last_attempt = last_attempt
 
     def config_hash(self) -> str:
-        return config_hash({k: v for k, v in self.config.model_dump(mode="json").items() if k not in RUNTIME_ONLY})
+        # Settings marked execution() in pipeline/config.py (threads, task timeouts, ...) change how fast a
+        # download runs, not what it produces: a resume with other values keeps its finished shards.
+        return config_hash(hashed_dump(self.config))
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         manifest = ctx.inputs["query"]

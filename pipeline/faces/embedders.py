@@ -7,20 +7,27 @@ An embedder turns aligned faces into raw (not normalised) float32 features:
 - "dlib": dlib's CC0 ResNet: its own 5-point shape predictor inside the detected box, a 150 px face chip
   (padding 0.25), a 128-d descriptor. Runs anywhere on CPU, fully offline (the demo's embedder).
 
-`DEFAULT_THRESHOLDS[embedder]` are cosine similarities of L2-normalised features (the clean stage normalises
-before comparing), with field names of `pipeline.config.EmbedderThresholds`; `dbscan_eps` is a cosine
-*distance* 1 - clip(cos, 0, 1).
+Embedders are registered with `register_embedder` (the way timm registers models): each entry carries its
+factory, its default weights and its clean thresholds, so a new embedder is one file with one decorated
+factory (tests/toy_embedder.py is one, named in a config's `plugins`). The thresholds are cosine similarities
+of L2-normalised features (the clean stage normalises before comparing), with field names of
+`pipeline.config.EmbedderThresholds`; `dbscan_eps` is a cosine *distance* 1 - clip(cos, 0, 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from pipeline.stage import StageError
+from schemas.devices import DeviceError, resolve_device
+
+if TYPE_CHECKING:
+    from pipeline.config import FacesConfig
 
 # The paper's cosine thresholds (docs/official-pipeline.md 1f/1g) for the 512-d ArcFace-style embedders.
 _COSINE_PAPER = {"dbscan_eps": 0.7, "dbscan_min_samples": 2, "merge": 0.7, "ambiguous": 0.6,
@@ -37,20 +44,6 @@ _COSINE_PAPER = {"dbscan_eps": 0.7, "dbscan_min_samples": 2, "merge": 0.7, "ambi
 # duplicate images at 0.99.
 _DLIB = {"dbscan_eps": 0.10, "dbscan_min_samples": 2, "merge": 0.92, "ambiguous": 0.90,
          "val_overlap": 0.92, "duplicate": 0.99}
-
-DEFAULT_THRESHOLDS: dict[str, dict[str, float | int]] = {
-    "kprpe": dict(_COSINE_PAPER),
-    "arcface": dict(_COSINE_PAPER),
-    "dlib": dict(_DLIB),
-}
-
-# Known weight names resolved through `pipeline.weights.resolve_weights` when `faces.embedder_model` is unset.
-DEFAULT_MODELS = {
-    "kprpe": "cvlface_adaface_vit_base_kprpe_webface12m.pt",
-    "arcface": "w600k_r50.onnx",
-    "dlib": "dlib_face_recognition_resnet_model_v1.dat",
-}
-
 
 @dataclass
 class FaceCrop:
@@ -72,13 +65,10 @@ class Embedder(Protocol):
 
 
 def _torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"faces.device is {device!r} but torch sees no GPU: use 'auto' or 'cpu'")
-    return device
+    try:
+        return resolve_device(device, "faces.device")
+    except DeviceError as exc:
+        raise StageError(str(exc)) from None
 
 
 class KPRPEEmbedder:
@@ -243,19 +233,73 @@ def onnx_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def build_embedder(kind: str, weights: Path | None, *, shape_predictor: Path | None = None,
-                   kprpe_size: str = "base", device: str = "auto", num_threads: int | None = None,
-                   backend: str = "torch") -> Embedder:
-    """Construct the configured embedder; weights are already resolved local paths. `backend` applies to
-    KP-RPE (torch, onnxruntime, openvino); ArcFace runs on insightface's onnxruntime and dlib on dlib."""
-    if kind == "kprpe":
-        return KPRPEEmbedder(weights, size=kprpe_size, device=device, num_threads=num_threads, backend=backend)
-    if kind == "arcface":
-        if weights is None:
-            raise StageError("the arcface embedder needs an ONNX path in faces.embedder_model")
-        return ArcFaceEmbedder(weights, device=device, num_threads=num_threads)
-    if kind == "dlib":
-        if weights is None or shape_predictor is None:
-            raise StageError("the dlib embedder needs its ResNet .dat and its 5-point shape predictor .dat")
-        return DlibEmbedder(weights, shape_predictor)
-    raise StageError(f"unknown face embedder '{kind}': choose kprpe, arcface or dlib")
+# -- the registry ------------------------------------------------------------------------------------------
+# A factory gets the faces config, the embedder's resolved weights (None for "random", where allowed), the
+# resolved paths of its extra weight files (by config field) and the inference backend the stage chose.
+EmbedderFactory = Callable[["FacesConfig", "Path | None", "dict[str, Path]", str], Embedder]
+
+
+@dataclass(frozen=True)
+class EmbedderEntry:
+    name: str
+    factory: EmbedderFactory
+    default_weights: str | None  # resolved through pipeline.weights when faces.embedder_model is unset
+    thresholds: Mapping[str, float | int]  # clean thresholds (pipeline.config.EmbedderThresholds fields)
+    extra_weights: tuple[str, ...] = ()  # FacesConfig fields naming more weight files (dlib's shape predictor)
+    random_weights: bool = False  # faces.embedder_model "random" allowed (tests and benchmarks)
+    module: str = field(default="", compare=False)
+
+
+EMBEDDERS: dict[str, EmbedderEntry] = {}
+
+
+def register_embedder(name: str, *, default_weights: str | None, thresholds: Mapping[str, float | int],
+                      extra_weights: tuple[str, ...] = (), random_weights: bool = False
+                      ) -> Callable[[EmbedderFactory], EmbedderFactory]:
+    """Decorate a factory to make `faces.embedder: <name>` build it. The thresholds are checked now, so a bad
+    entry fails where it is declared, not in the clean stage hours later."""
+    from pipeline.config import EmbedderThresholds
+
+    EmbedderThresholds.model_validate(dict(thresholds))
+
+    def add(factory: EmbedderFactory) -> EmbedderFactory:
+        old = EMBEDDERS.get(name)
+        if old is not None and old.module != factory.__module__:
+            raise StageError(f"face embedder '{name}' is already registered by {old.module}")
+        EMBEDDERS[name] = EmbedderEntry(name, factory, default_weights, dict(thresholds), tuple(extra_weights),
+                                        random_weights, factory.__module__)
+        return factory
+
+    return add
+
+
+def embedder_entry(name: str) -> EmbedderEntry:
+    try:
+        return EMBEDDERS[name]
+    except KeyError:
+        raise StageError(f"unknown face embedder '{name}': choose one of {', '.join(sorted(EMBEDDERS))} "
+                         "(an embedder of your own registers itself from a module in the config's `plugins`)"
+                         ) from None
+
+
+@register_embedder("kprpe", default_weights="cvlface_adaface_vit_base_kprpe_webface12m.pt",
+                   thresholds=_COSINE_PAPER, random_weights=True)
+def _kprpe(cfg: FacesConfig, weights: Path | None, extras: dict[str, Path], backend: str) -> Embedder:
+    return KPRPEEmbedder(weights, size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads,
+                         backend=backend)
+
+
+@register_embedder("arcface", default_weights="w600k_r50.onnx", thresholds=_COSINE_PAPER)
+def _arcface(cfg: FacesConfig, weights: Path | None, extras: dict[str, Path], backend: str) -> Embedder:
+    # insightface's ArcFace runs on its own onnxruntime session whatever `backend` says
+    if weights is None:
+        raise StageError("the arcface embedder needs an ONNX path in faces.embedder_model")
+    return ArcFaceEmbedder(weights, device=cfg.device, num_threads=cfg.num_threads)
+
+
+@register_embedder("dlib", default_weights="dlib_face_recognition_resnet_model_v1.dat", thresholds=_DLIB,
+                   extra_weights=("dlib_shape_predictor",))
+def _dlib(cfg: FacesConfig, weights: Path | None, extras: dict[str, Path], backend: str) -> Embedder:
+    if weights is None:
+        raise StageError("the dlib embedder needs its ResNet .dat")
+    return DlibEmbedder(weights, extras["dlib_shape_predictor"])

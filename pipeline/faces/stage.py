@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import FacesConfig
+from pipeline.config import FacesConfig, hashed_dump
 from pipeline.faces.align import (
     AlignError,
     detector_canvas,
@@ -32,26 +31,19 @@ from pipeline.faces.align import (
     warp_region,
 )
 from pipeline.faces.detectors import DEFAULT_DETECTORS, FaceDetector
-from pipeline.faces.embedders import DEFAULT_MODELS, Embedder, FaceCrop, build_embedder, onnx_providers
+from pipeline.faces.embedders import Embedder, FaceCrop, embedder_entry, onnx_providers
 from pipeline.inference import choose_backend
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
 from schemas.faces import FACES
+from schemas.imaging import decode_image
+from schemas.persons import PERSONS
 
 log = logging.getLogger(__name__)
 
 # Columns of the persons table this stage reads (its schema module may carry more).
 # Left out of the output's config hash: they change speed, not rows (GPU numerics aside).
-EXECUTION_FIELDS = {"batch_size", "device", "num_threads"}
 INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
-
-
-def _persons_schema():
-    try:
-        from schemas.persons import PERSONS
-    except ImportError:  # the persons schema lands separately; the column check in process() still applies
-        return None
-    return PERSONS
 
 
 @dataclass
@@ -68,7 +60,7 @@ class _Prepared:
 
 class FacesStage(ShardStage):
     name: ClassVar[str] = "faces"
-    input_schema = _persons_schema()
+    input_schema = PERSONS
     output_schema = FACES
     sort_keys = ("person_id",)
     uses_model = True
@@ -81,7 +73,7 @@ class FacesStage(ShardStage):
     def config_hash(self) -> str:
         # Execution settings do not change the rows (features are batch-independent, see the tests). The
         # backend that will run (auto resolved) does, in the last bits: it is in the hash.
-        doc = self.config.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        doc = hashed_dump(self.config)  # without the fields marked execution() in pipeline/config.py
         doc["backend"] = self.backend_name()
         return config_hash(doc)
 
@@ -97,39 +89,39 @@ class FacesStage(ShardStage):
         return "openvino" if self.backend_name() == "openvino" else "onnxruntime"
 
     # -- models ---------------------------------------------------------------------------------------
-    def resolve_paths(self) -> tuple[Path, Path | None, Path | None]:
-        """Local paths of the detector, embedder and (dlib) shape predictor weights, or StageError."""
+    def resolve_paths(self) -> tuple[Path, Path | None, dict[str, Path]]:
+        """Local paths of the detector, the embedder and its extra weight files (by config field), or
+        StageError: an unknown embedder or a missing file fails here, on the driver, before any worker starts."""
         cfg: FacesConfig = self.config
         det = resolve_weights(cfg.detector_model or DEFAULT_DETECTORS[cfg.detector], f"{cfg.detector} detector")
-        return det, self._embedder_weights(), self._predictor()
+        entry = embedder_entry(cfg.embedder)
+        extras = {f: resolve_weights(getattr(cfg, f), f"{cfg.embedder} embedder's {f}") for f in entry.extra_weights}
+        return det, self._embedder_weights(), extras
 
     def setup(self) -> None:
         cfg: FacesConfig = self.config
-        det_path, emb_path, predictor = self.resolve_paths()
+        det_path, emb_path, extras = self.resolve_paths()
         self.detector = FaceDetector(det_path, layout=cfg.detector_layout, input_size=cfg.detector_input,
                                      nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
                                      num_threads=cfg.num_threads, backend=self.detector_backend())
         if cfg.detector == "scrfd" and self.detector.layout != "insightface":
             raise StageError(f"{det_path} has the {self.detector.layout} layout; SCRFD models use insightface's")
-        self.embedder = build_embedder(cfg.embedder, emb_path, shape_predictor=predictor,
-                                       kprpe_size=cfg.kprpe_size, device=cfg.device, num_threads=cfg.num_threads,
-                                       backend=self.backend_name())
+        self.embedder = embedder_entry(cfg.embedder).factory(cfg, emb_path, extras, self.backend_name())
 
     def _embedder_weights(self) -> Path | None:
         cfg: FacesConfig = self.config
-        name = cfg.embedder_model or DEFAULT_MODELS[cfg.embedder]
+        entry = embedder_entry(cfg.embedder)
+        name = cfg.embedder_model or entry.default_weights
+        if name is None:  # an embedder without weight files (its factory refuses None if it needs one)
+            return None
         if name == "random":
-            if cfg.embedder != "kprpe":
-                raise StageError("faces.embedder_model 'random' is only for the kprpe embedder (tests, benchmarks)")
-            log.warning("faces: KP-RPE with RANDOM weights: features are meaningless (tests/benchmarks only)")
+            if not entry.random_weights:
+                raise StageError(f"faces.embedder_model 'random' is not allowed for the {cfg.embedder} embedder "
+                                 "(tests and benchmarks of kprpe only)")
+            log.warning("faces: %s with RANDOM weights: features are meaningless (tests/benchmarks only)",
+                        cfg.embedder)
             return None
         return resolve_weights(name, f"{cfg.embedder} face embedder")
-
-    def _predictor(self) -> Path | None:
-        cfg: FacesConfig = self.config
-        if cfg.embedder != "dlib":
-            return None
-        return resolve_weights(cfg.dlib_shape_predictor, "dlib 5-point shape predictor")
 
     # -- per batch --------------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> BatchResult:
@@ -223,14 +215,8 @@ class FacesStage(ShardStage):
 
 
 def decode_rgb(data: Any) -> np.ndarray | None:
-    """Encoded image bytes -> RGB uint8 (grey and alpha images become 3-channel), None if undecodable."""
-    if not data:
-        return None
-    buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
-        return None
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # much faster than a numpy channel flip + copy
+    """Encoded image bytes -> RGB uint8, None if undecodable (schemas.imaging, the one decoder)."""
+    return decode_image(data)
 
 
 def feature_columns(feature: np.ndarray, embedder: str) -> dict:

@@ -13,13 +13,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
-import cv2
 import numpy as np
 import webdataset as wds
 from webdataset import tariterators
 
 from sapiensid.data.transforms import keypoints22_from_meta
 from schemas.base import SchemaError
+from schemas.imaging import decode_image
 from schemas.sample import validate_sample
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,9 @@ def decode_sample(raw: dict[str, Any]) -> Decoded:
         validate_sample(meta, where=key)
     except (json.JSONDecodeError, SchemaError, UnicodeDecodeError) as exc:
         raise DecodeError(f"{key}: bad metadata ({exc})") from exc
-    bgr = cv2.imdecode(np.frombuffer(raw["jpg"], dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
+    image = decode_image(raw["jpg"])
+    if image is None:
         raise DecodeError(f"{key}: image does not decode")
-    image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     frame = max(image.shape[:2])
     return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["label"]), meta)
 

@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from schemas.imaging import white_padding_mask
 from schemas.sample import IMAGE_SIZE, KEYPOINT_VISIBLE
 
 NUM_KEYPOINTS = 22
@@ -24,8 +25,6 @@ FLIP_INDEX = np.arange(NUM_KEYPOINTS)
 for _a, _b in FLIP_PAIRS:
     FLIP_INDEX[_a], FLIP_INDEX[_b] = _b, _a
 
-# A row/column is padding when its mean RGB (in [0, 1], summed over channels) is >= 3 * 0.99 (eval aligner rule).
-WHITE_THRESHOLD = 3 * 0.99
 
 
 def keypoints22_from_meta(meta: dict[str, Any], frame: int = IMAGE_SIZE) -> np.ndarray:
@@ -44,21 +43,8 @@ def keypoints22_from_meta(meta: dict[str, Any], frame: int = IMAGE_SIZE) -> np.n
 
 
 def foreground_mask_white(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the rectangle between the first and last non-white row and column.
-
-    An all-white image gets an all-True mask: an empty mask would leave the model no tokens at all.
-    """
-    img = image.astype(np.float32) / 255.0
-    rows = img.sum(axis=2).mean(axis=1) < WHITE_THRESHOLD
-    cols = img.sum(axis=2).mean(axis=0) < WHITE_THRESHOLD
-    mask = np.zeros(image.shape[:2], dtype=bool)
-    if not rows.any() or not cols.any():
-        mask[:] = True
-        return mask
-    r = np.flatnonzero(rows)
-    c = np.flatnonzero(cols)
-    mask[r[0] : r[-1] + 1, c[0] : c[-1] + 1] = True
-    return mask
+    """(H, W) bool foreground by the white-padding rule (schemas.imaging, shared with the pipeline)."""
+    return white_padding_mask(image)
 
 
 def _apply_affine(points: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:

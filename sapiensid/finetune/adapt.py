@@ -30,16 +30,10 @@ DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj")
 
 def _webbody_checkpoint(path: Path) -> Path | None:
     """The model.pt of a WebBody training checkpoint at `path`, or None if `path` is something else."""
-    from sapiensid.train import CHECKPOINT_DIR, finished_checkpoints
+    from sapiensid.train import resolve_checkpoint
 
-    if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
-        done = finished_checkpoints(path / CHECKPOINT_DIR)
-        if not done:
-            raise FileNotFoundError(f"no finished checkpoint under {path / CHECKPOINT_DIR}")
-        path = done[-1]
-    if path.is_dir():
-        return path / "model.pt" if (path / "model.pt").is_file() else None
-    return path if path.name == "model.pt" else None
+    main = resolve_checkpoint(path)
+    return main if main.name == "model.pt" and main.is_file() else None
 
 
 def load_base(checkpoint: str | Path | None, preset: str | None, overrides: dict[str, Any] | None = None) -> SapiensID:

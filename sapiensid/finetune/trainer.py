@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from schemas.devices import resolve_device as resolve
+
+    return torch.device(resolve(name, "finetune.device"))
 
 
 def load_datasets(cfg: FinetuneConfig) -> tuple[DomainDataset, DomainDataset | None]:

@@ -18,7 +18,9 @@ Measured (figures in benchmarks/results/download_cluster.json):
 - a killed task is resubmitted: once the first shard has committed, one running task's worker process
   gets SIGKILL; the stage must run it again (`run.resubmitted` >= 1) and finish with every shard;
 - per-row statuses (and the sha256 of every stored image) equal a single-node run's: the same URLs
-  downloaded on one local Ray node with 2 CPUs, against a fresh server.
+  downloaded on one local Ray node with 2 CPUs, against a fresh server;
+- what a fresh download worker imports before its first unit (`worker_imports`: seconds, and whether torch
+  came in; it did through img2dataset's package __init__ until pipeline/download/i2d.py).
 """
 
 from __future__ import annotations
@@ -143,6 +145,29 @@ class Killer(threading.Thread):
             time.sleep(0.2)
 
 
+WORKER_IMPORTS = """
+import json, sys, time
+t0 = time.perf_counter()
+from pipeline.runtime import ensure_offline_env
+ensure_offline_env()
+import pipeline.executors, pipeline.download
+from pipeline.download.i2d import module
+module("downloader")
+import pipeline.download.worker
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
+                  "torch_imported": "torch" in sys.modules, "webdataset_imported": "webdataset" in sys.modules}))
+"""
+
+
+def worker_imports() -> dict:
+    """What a fresh download worker imports before its first unit (a child process, like a Ray worker)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", WORKER_IMPORTS], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def raylet_pids(cluster) -> set[int]:
     pids = set()
     for node in cluster.list_all_nodes():
@@ -151,7 +176,7 @@ def raylet_pids(cluster) -> set[int]:
     return pids
 
 
-def start_cluster(cluster_cls, attempts: int = 3):
+def start_cluster(cluster_cls, attempts: int = 6):
     """Head (num_cpus=0) + 3 x 2-CPU workers. Ray gives a node 30 s to register (hard-coded); on this shared
     machine at load 15+ that sometimes fails, so the whole cluster start is tried again."""
     for attempt in range(1, attempts + 1):
@@ -286,6 +311,7 @@ def main() -> None:
     }
     details = {
         "images": args.images, "shard_size": args.shard_size, "shards": stats["shards"],
+        "worker_imports": worker_imports(),
         "cluster": {"nodes": "head num_cpus=0 + 3 x 2 CPUs", "cpus": cluster_cpus, "object_store_mb": 300},
         "runs": {
             "cluster (3 x 2 CPUs)": {"wall_seconds": round(cluster_wall, 1), "first_commit_seconds": first,

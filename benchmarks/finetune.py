@@ -9,18 +9,18 @@
    per query domain -> vis gallery, and the spread (max - min) across the three infrared-like domains.
 
 Every fine-tuning run of steps 2-3 is repeated per seed (the seed drives the classifier's init, the sampler and
-the augmentation; the pre-trained model and the data are the same for all seeds). Seeds run one after another,
-each complete; with ``--budget-min`` a seed that would not finish inside the budget (estimated from the seeds
-already run) is not started, and the JSON lists the seeds that ran. Headlines are means over seeds with the
-min and max over seeds beside them.
-
-With ``--jobs N`` the seeds run in N parallel single-threaded processes instead (the per-step seconds then
-include the contention between them; the paired step-time ratio is measured before they start).
+the augmentation; the pre-trained model and the data are the same for all seeds). The work is split into tasks
+(per seed: LoRA + full at each subject count, and the sampler pair), run seed-major by ``--jobs`` parallel
+single-threaded processes (their per-step seconds then include the contention between them; the paired
+step-time ratio is measured before they start). With ``--budget-min`` a task that would end past the budget
+(estimated from the tasks already done) is not started, and the JSON lists it under ``not_run``. Headlines are
+means over the seeds that ran, with the min and max over seeds beside them. The pre-trained model is reused when
+``--work`` already holds it (a re-run after an interruption).
 
 Writes ``benchmarks/results/finetune.json``; docs/benchmarks.md renders it.
 
 Usage: python benchmarks/finetune.py [--steps 150] [--pretrain-steps 80] [--subjects 8 16 32 96]
-       [--seeds 0 1 2] [--budget-min 40 | --jobs 2]
+       [--seeds 0 1 2] [--jobs 2] [--budget-min 40]
 """
 
 from __future__ import annotations
@@ -94,18 +94,21 @@ def _write_data(work: Path, args: argparse.Namespace) -> None:
     (work / "DATA_DONE").write_text("")
 
 
-def _progress(work: Path, seed: int, row: dict) -> None:
-    """Print a finished run and append it to ``progress_<seed>.jsonl`` (what an interrupted run leaves)."""
+def _progress(work: Path, row: dict) -> None:
+    """Print a finished run and append it to ``progress.jsonl`` (what an interrupted run leaves)."""
     print(json.dumps(row), flush=True)
-    with open(work / f"progress_{seed}.jsonl", "a") as f:
+    with open(work / "progress.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def _one_seed(seed: int, args: argparse.Namespace, work: Path, base_ckpt: str, test, test4) -> tuple[list, list]:
+def _task(seed: int, unit: int | str, args: argparse.Namespace, work: Path, base_ckpt: str, test,
+          test4) -> tuple[list, list]:
+    """One unit of work of one seed: LoRA and full at `unit` subjects, or (unit "sampler") both samplers."""
     torch.set_num_threads(1)
     lr = {"lora": args.lr_lora, "full": args.lr_full}
     runs, sampler_runs = [], []
-    for n in args.subjects:
+    if unit != "sampler":
+        n = int(unit)
         root = _subset(work / "pool", work / f"pool_{n}", n)
         for ad in ("lora", "full"):
             cfg = FinetuneConfig(base_checkpoint=base_ckpt, train_root=str(root), output_dir=str(work / f"{ad}_{n}_{seed}"),
@@ -115,7 +118,8 @@ def _one_seed(seed: int, args: argparse.Namespace, work: Path, base_ckpt: str, t
             r = _rank1(evaluate_cross_domain(s.pop("model"), test, PROTOCOLS, ("global",)), PROTOCOLS)
             runs.append({"subjects": n, "adaptation": ad, "seed": seed, **r, "trainable": s["trainable"],
                          "s_per_step": round(s["seconds_per_step"], 3), "final_loss": round(s["final_loss"], 3)})
-            _progress(work, seed, runs[-1])
+            _progress(work, runs[-1])
+        return runs, sampler_runs
     for kind in ("domain_aware", "random"):
         cfg = FinetuneConfig(base_checkpoint=base_ckpt, train_root=str(work / "pool4"), adaptation="full",
                              output_dir=str(work / f"sampler_{kind}_{seed}"), sampler=kind,
@@ -129,8 +133,45 @@ def _one_seed(seed: int, args: argparse.Namespace, work: Path, base_ckpt: str, t
         sampler_runs.append({"sampler": kind, "seed": seed, **per, "spread": max(per.values()) - min(per.values()),
                              "mean": float(np.mean(list(per.values()))),
                              "s_per_step": round(s["seconds_per_step"], 3)})
-        _progress(work, seed, sampler_runs[-1])
+        _progress(work, sampler_runs[-1])
     return runs, sampler_runs
+
+
+def _run_tasks(tasks: list[tuple[int, int | str]], args: argparse.Namespace, work: Path, base_ckpt: str, test,
+               test4, t0: float) -> tuple[list, list, list]:
+    """Run the tasks in order (``--jobs`` processes); with ``--budget-min`` a task that would end past the budget
+    (estimated from the median wall time of the tasks done) is not started. Returns (runs, sampler runs, the
+    tasks that did not run)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    runs: list[dict] = []
+    sampler_runs: list[dict] = []
+    durations: list[float] = []
+    skipped: list[tuple[int, int | str]] = []
+    budget = None if args.budget_min is None else 60 * args.budget_min
+    # spawn: no fork of a process that already runs torch threads
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = list(tasks)
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                if budget is not None and durations and time.time() - t0 + statistics.median(durations) > budget:
+                    print(f"not started (over the {args.budget_min} min budget): {pending}", flush=True)
+                    skipped, pending = pending, []
+                    break
+                task = pending.pop(0)
+                running[pool.submit(_task, *task, args, work, base_ckpt, test, test4)] = (task, time.time())
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task, started = running.pop(fut)
+                r, s = fut.result()
+                runs += r
+                sampler_runs += s
+                durations.append(time.time() - started)
+    return runs, sampler_runs, skipped
 
 
 def _step_time_ratio(work: Path, base_ckpt: str, pairs: int, k: int):
@@ -167,11 +208,11 @@ def main() -> None:
     ap.add_argument("--test-subjects", type=int, default=16)
     ap.add_argument("--test-per-domain", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget-min", type=float, default=None, help="start no seed that would end past this")
+    ap.add_argument("--budget-min", type=float, default=None, help="start no task that would end past this")
     ap.add_argument("--lr-full", type=float, default=2e-3)
     ap.add_argument("--lr-lora", type=float, default=1e-2)
     ap.add_argument("--pairs", type=int, default=5)
-    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel, one process each (no budget)")
+    ap.add_argument("--jobs", type=int, default=1, help="tasks run in parallel, one process each")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -184,7 +225,7 @@ def main() -> None:
 
     pre = FinetuneConfig(base_model="tiny", model_overrides=MODEL, train_root=str(work / "pre"),
                          output_dir=str(work / "pretrain"), adaptation="full", p=8, k=4, lr=3e-3, warmup_steps=5,
-                         max_steps=args.pretrain_steps, ckpt_every=10_000, resume=False)
+                         max_steps=args.pretrain_steps, ckpt_every=10_000)  # resume: a re-run reuses it
     pre_summary = finetune(pre)
     base_model = pre_summary.pop("model")
     base_ckpt = str(work / "pretrain" / "final" / "model.pt")
@@ -196,41 +237,17 @@ def main() -> None:
     print(f"pre-trained (vis only): {base_res} {base4}", flush=True)
 
     ratio = _step_time_ratio(work, base_ckpt, args.pairs, args.k)
-    runs: list[dict] = []
-    sampler_runs: list[dict] = []
-    seeds_run: list[int] = []
-    seed_seconds: list[float] = []
-    if args.jobs > 1:
-        # seeds in parallel, one single-threaded process each (spawn: no fork of a process running torch)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ts = time.time()
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_one_seed, seed, args, work, base_ckpt, test, test4) for seed in args.seeds]
-            for seed, fut in zip(args.seeds, futures):
-                r, s = fut.result()
-                runs += r
-                sampler_runs += s
-                seeds_run.append(seed)
-        seed_seconds.append(time.time() - ts)
-    for seed in args.seeds if args.jobs <= 1 else []:
-        if args.budget_min is not None and seed_seconds:
-            if time.time() - t0 + statistics.mean(seed_seconds) > 60 * args.budget_min:
-                print(f"seed {seed} not started: it would end past the {args.budget_min} min budget", flush=True)
-                break
-        ts = time.time()
-        r, s = _one_seed(seed, args, work, base_ckpt, test, test4)
-        runs += r
-        sampler_runs += s
-        seeds_run.append(seed)
-        seed_seconds.append(time.time() - ts)
-        (work / "partial.json").write_text(json.dumps({"runs": runs, "sampler_runs": sampler_runs}))
+    # seed-major order, so that a budget cut leaves whole seeds first
+    tasks = [(seed, unit) for seed in args.seeds for unit in [*args.subjects, "sampler"]]
+    runs, sampler_runs, not_run = _run_tasks(tasks, args, work, base_ckpt, test, test4, t0)
+    seeds_run = sorted({r["seed"] for r in runs} | {r["seed"] for r in sampler_runs})
 
     summary = []
     for n in args.subjects:
         for ad in ("lora", "full"):
             rows = [r for r in runs if r["adaptation"] == ad and r["subjects"] == n]
+            if not rows:
+                continue
             rank = _spread([r["image_rank1"] for r in rows])
             summary.append({"subjects": n, "adaptation": ad, "seeds": len(rows), "rank1_mean": rank["mean"],
                             "rank1_min": rank["min"], "rank1_max": rank["max"],
@@ -241,38 +258,36 @@ def main() -> None:
     sampler_summary = []
     for kind in ("domain_aware", "random"):
         rows = [r for r in sampler_runs if r["sampler"] == kind]
-        sampler_summary.append({"sampler": kind, "seeds": len(rows),
-                                **{p: statistics.mean(r[p] for r in rows) for p in PROTOCOLS4},
-                                "spread_mean": statistics.mean(r["spread"] for r in rows),
-                                "spread_min": min(r["spread"] for r in rows),
-                                "spread_max": max(r["spread"] for r in rows),
-                                "mean": statistics.mean(r["mean"] for r in rows)})
+        if rows:
+            sampler_summary.append({"sampler": kind, "seeds": len(rows),
+                                    **{p: statistics.mean(r[p] for r in rows) for p in PROTOCOLS4},
+                                    "spread_mean": statistics.mean(r["spread"] for r in rows),
+                                    "spread_min": min(r["spread"] for r in rows),
+                                    "spread_max": max(r["spread"] for r in rows),
+                                    "mean": statistics.mean(r["mean"] for r in rows)})
 
-    nseeds = len(seeds_run)
     heads = {"pretrained_rank1": headline(base_res["image_rank1"], unit="%",
                                           note="vis-only pre-trained model, held-out vis<->ir per-image rank-1; "
                                                f"chance {100 / args.test_subjects:.2f} %")}
+    for row in summary:
+        n, ad = row["subjects"], row["adaptation"]
+        heads[f"{ad}_rank1_{n}"] = headline(row["rank1_mean"], row["rank1_min"], row["rank1_max"], unit="%",
+                                            note=f"{ad}, {n} subjects, mean (min .. max) over {row['seeds']} seed(s)")
     for n in args.subjects:
-        for ad in ("lora", "full"):
-            row = next(r for r in summary if r["subjects"] == n and r["adaptation"] == ad)
-            heads[f"{ad}_rank1_{n}"] = headline(row["rank1_mean"], row["rank1_min"], row["rank1_max"], unit="%",
-                                                note=f"{ad}, {n} subjects, mean (min .. max) over {nseeds} seed(s)")
-        diffs = []
-        for seed in seeds_run:
-            lo = next(r for r in runs if r["subjects"] == n and r["adaptation"] == "lora" and r["seed"] == seed)
-            fu = next(r for r in runs if r["subjects"] == n and r["adaptation"] == "full" and r["seed"] == seed)
-            diffs.append(lo["image_rank1"] - fu["image_rank1"])
-        d = _spread(diffs)
-        heads[f"lora_minus_full_{n}"] = headline(d["mean"], d["min"], d["max"], unit="points",
-                                                 note=f"per-seed rank-1 LoRA - full at {n} subjects")
+        by = {(r["adaptation"], r["seed"]): r["image_rank1"] for r in runs if r["subjects"] == n}
+        diffs = [by[("lora", sd)] - by[("full", sd)] for sd in seeds_run if ("lora", sd) in by and ("full", sd) in by]
+        if diffs:
+            d = _spread(diffs)
+            heads[f"lora_minus_full_{n}"] = headline(d["mean"], d["min"], d["max"], unit="points",
+                                                     note=f"per-seed rank-1 LoRA - full at {n} subjects, "
+                                                          f"{len(diffs)} seed(s)")
     heads["full_over_lora_step_time"] = ratio.summary(unit="x", note="seconds per step full / LoRA, paired")
-    for kind in ("domain_aware", "random"):
-        row = next(r for r in sampler_summary if r["sampler"] == kind)
-        heads[f"{kind}_spread"] = headline(row["spread_mean"], row["spread_min"], row["spread_max"], unit="points",
-                                           note=f"max - min rank-1 over {', '.join(PROTOCOLS4)}, over {nseeds} "
-                                                "seed(s)")
+    for row in sampler_summary:
+        heads[f"{row['sampler']}_spread"] = headline(
+            row["spread_mean"], row["spread_min"], row["spread_max"], unit="points",
+            note=f"max - min rank-1 over {', '.join(PROTOCOLS4)}, {row['seeds']} seed(s)")
     rec.write(heads, details={"pretrained": base_res, "pretrained_4domains": base4, "seeds_run": seeds_run,
-                              "seed_seconds": [round(s) for s in seed_seconds], "summary": summary,
+                              "not_run": [list(t) for t in not_run], "summary": summary,
                               "sampler_summary": sampler_summary, "runs": runs, "sampler_runs": sampler_runs,
                               "pretrain_seconds_per_step": pre_summary["seconds_per_step"], "work": str(work)})
 

@@ -106,7 +106,7 @@ def _print_result(result: dict) -> None:
 
 def cmd_models_export(args: argparse.Namespace) -> int:
     from flows.build import load_build_config
-    from pipeline.inference import export_models
+    from pipeline.models import export_models
 
     cfg = load_build_config(args.config, None, _parse_overrides(args.set))
     for rec in export_models(cfg, args.backend or None):

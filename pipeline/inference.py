@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -273,53 +272,12 @@ class PoseDetections:
     keypoints: np.ndarray
 
 
-def yolo_pose_onnx(weights: str | os.PathLike, imgsz: int) -> Path:
-    """The ONNX graph (dynamic batch and size) of a YOLO pose checkpoint, exported once by Ultralytics.
-
-    The checkpoint is loaded through `pipeline.persons.load_pose_model` (restricted, weights-only), then
-    Ultralytics' own `export` writes the graph; its metadata (stride, names, keypoint shape) goes beside it.
-    """
-    from pipeline.persons import ARCH_SUFFIXES, load_pose_model
-
-    src = Path(weights)
-    random_init = str(weights).endswith(ARCH_SUFFIXES)
-    if random_init:  # an architecture yaml (random weights, seeded): keyed by name and Ultralytics version
-        import ultralytics
-
-        from pipeline.runtime import cache_dir
-
-        folder = cache_dir() / EXPORT_DIR / f"{src.stem}-random-ultralytics{ultralytics.__version__}"
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        folder = export_dir(src)
-    target = folder / f"pose-{int(imgsz)}.onnx"
-
-    def make(tmp: Path) -> None:
-        if random_init:
-            model = load_pose_model(str(weights))
-        else:
-            copy = tmp / src.name  # Ultralytics writes the export next to the file it loaded
-            shutil.copyfile(src, copy)
-            model = load_pose_model(str(copy))
-        meta = {"stride": int(max(model.model.stride.tolist())), "names": {int(k): v for k, v in model.names.items()},
-                "kpt_shape": list(model.model.kpt_shape), "end2end": bool(getattr(model.model, "end2end", False)),
-                "imgsz": int(imgsz), "source": str(weights) if random_init else file_sha256(src)}
-        out = Path(model.export(format="onnx", dynamic=True, imgsz=int(imgsz), simplify=False, verbose=False))
-        os.replace(out, tmp / target.name)
-        for leftover in tmp.iterdir():  # the checkpoint copy
-            if leftover.suffix == ".pt":
-                leftover.unlink()
-        (tmp / (target.stem + ".json")).write_text(json.dumps(meta))
-
-    return cached(target, make)
-
-
 class CompiledPose:
     """A YOLO pose network on ONNX Runtime or OpenVINO, with Ultralytics' pre- and post-processing."""
 
-    def __init__(self, weights: str | os.PathLike, backend: str, imgsz: int, threads: int | None = None,
+    def __init__(self, onnx_path: Path, backend: str, imgsz: int, threads: int | None = None,
                  gpu: bool = False):
-        onnx_path = yolo_pose_onnx(weights, imgsz)
+        """`onnx_path`: the graph `pipeline.persons.yolo_pose_onnx` exported, with its metadata beside it."""
         meta = json.loads(onnx_path.with_suffix(".json").read_text())
         self.stride = int(meta["stride"])
         self.nc = len(meta["names"])
@@ -409,40 +367,3 @@ def torch_module_onnx(module: Any, example: tuple[Any, ...], target: Path, input
                               output_names=["output"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
     return cached(target, make)
-
-
-# -- `webbody models export` --------------------------------------------------------------------------------
-def export_models(cfg: Any, backends: list[str] | None = None) -> list[dict]:
-    """Export the build's persons and faces models for `backends` (default: each stage's configured one, 'auto'
-    resolved) ahead of a run; returns one record per graph made or found in the cache."""
-    from pipeline.faces import FacesStage
-    from pipeline.faces.embedders import kprpe_onnx
-    from pipeline.persons import PersonsStage, export_pose_model, resolve_model
-
-    done: list[dict] = []
-    persons = PersonsStage(cfg.persons)
-    source = resolve_model(cfg.persons.model)
-    for b in backends or [persons.backend_name()]:
-        if choose_backend(b) != "torch":
-            done.append({"stage": "persons", "backend": b, "model": source,
-                         "graph": str(export_pose_model(source, cfg.persons.imgsz, b))})
-    faces = FacesStage(cfg.faces)
-    det, emb, _ = faces.resolve_paths()
-    for b in backends or [faces.backend_name()]:
-        if choose_backend(b) == "openvino":
-            done.append({"stage": "faces", "backend": b, "model": str(det), "graph": str(openvino_ir(det))})
-        if cfg.faces.embedder == "kprpe" and choose_backend(b) != "torch":
-            import torch
-
-            from sapiensid.kprpe_face import build_kprpe_face_vit, load_kprpe_face_weights
-
-            if emb is None:
-                torch.manual_seed(0)  # random weights, as KPRPEEmbedder makes them (tests, benchmarks)
-            model = build_kprpe_face_vit(cfg.faces.kprpe_size)
-            if emb is not None:
-                load_kprpe_face_weights(model, emb)
-            graph = kprpe_onnx(model, emb, cfg.faces.kprpe_size)
-            if b == "openvino":
-                graph = openvino_ir(graph)
-            done.append({"stage": "faces", "backend": b, "model": str(emb or "random"), "graph": str(graph)})
-    return done

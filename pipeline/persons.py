@@ -13,8 +13,10 @@ outside the image is filled white like the download's border (not black); crops 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -26,12 +28,15 @@ import pyarrow as pa
 from pipeline.config import BuildConfig, PersonsConfig
 from pipeline.geometry import Transform, crop_window, crop_with_fill, pad_box
 from pipeline.inference import (
+    EXPORT_DIR,
     CompiledPose,
     PoseDetections,
+    cached,
     choose_backend,
+    export_dir,
+    file_sha256,
     ultralytics_detections,
     worker_threads,
-    yolo_pose_onnx,
 )
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
@@ -166,7 +171,7 @@ class PersonsStage(ShardStage):
         if self.backend == "torch":
             self.model = load_pose_model(source)
         else:
-            self.model = CompiledPose(source, self.backend, self.cfg.imgsz, threads=threads,
+            self.model = CompiledPose(yolo_pose_onnx(source, self.cfg.imgsz), self.backend, self.cfg.imgsz, threads=threads,
                                       gpu=self.device != "cpu")
         # The first predict selects the device, and Ultralytics then sets torch to cores-1 threads (1 on two
         # cores); warm up first, then set our own thread count (torch also runs the compiled backends' NMS).
@@ -265,6 +270,45 @@ class PersonsStage(ShardStage):
         if not ok:
             raise RuntimeError(f"could not encode a {crop.shape} crop as {self.cfg.crop_format}")
         return buf.tobytes()
+
+
+def yolo_pose_onnx(weights: str | os.PathLike, imgsz: int) -> Path:
+    """The ONNX graph (dynamic batch and size) of a YOLO pose checkpoint, exported once by Ultralytics.
+
+    The checkpoint is loaded through `pipeline.persons.load_pose_model` (restricted, weights-only), then
+    Ultralytics' own `export` writes the graph; its metadata (stride, names, keypoint shape) goes beside it.
+    """
+    src = Path(weights)
+    random_init = str(weights).endswith(ARCH_SUFFIXES)
+    if random_init:  # an architecture yaml (random weights, seeded): keyed by name and Ultralytics version
+        import ultralytics
+
+        from pipeline.runtime import cache_dir
+
+        folder = cache_dir() / EXPORT_DIR / f"{src.stem}-random-ultralytics{ultralytics.__version__}"
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = export_dir(src)
+    target = folder / f"pose-{int(imgsz)}.onnx"
+
+    def make(tmp: Path) -> None:
+        if random_init:
+            model = load_pose_model(str(weights))
+        else:
+            copy = tmp / src.name  # Ultralytics writes the export next to the file it loaded
+            shutil.copyfile(src, copy)
+            model = load_pose_model(str(copy))
+        meta = {"stride": int(max(model.model.stride.tolist())), "names": {int(k): v for k, v in model.names.items()},
+                "kpt_shape": list(model.model.kpt_shape), "end2end": bool(getattr(model.model, "end2end", False)),
+                "imgsz": int(imgsz), "source": str(weights) if random_init else file_sha256(src)}
+        out = Path(model.export(format="onnx", dynamic=True, imgsz=int(imgsz), simplify=False, verbose=False))
+        os.replace(out, tmp / target.name)
+        for leftover in tmp.iterdir():  # the checkpoint copy
+            if leftover.suffix == ".pt":
+                leftover.unlink()
+        (tmp / (target.stem + ".json")).write_text(json.dumps(meta))
+
+    return cached(target, make)
 
 
 def export_pose_model(source: str, imgsz: int, backend: str) -> Path:

@@ -230,3 +230,32 @@ def test_hard_scenario_pairs_are_as_documented():
     assert 0.15 < lo and 0.22 < mid < 0.35 and hi < 0.45
     assert np.percentile(c["genuine"], 1) < hi < np.percentile(c["genuine"], 10)  # the tail overlaps
     assert np.median(c["impostor_any"]) < mid
+
+
+def _reframed(im: Image.Image) -> bytes:
+    """A copy the face-patch hash misses: mirrored, 82 % crop, 0.75x, recoloured and rotated 4 degrees."""
+    from PIL import ImageEnhance
+
+    w, h = im.size
+    out = ImageOps.mirror(im).crop((int(w * 0.09), int(h * 0.09), int(w * 0.91), int(h * 0.91)))
+    out = out.resize((int(out.width * 0.75), int(out.height * 0.75)), Image.BICUBIC)
+    out = ImageEnhance.Color(out).enhance(0.7)
+    return _jpg(out.rotate(4, resample=Image.BICUBIC, fillcolor=(255, 255, 255)))
+
+
+def test_keypoints_join_reframed_copies_and_tell_photos_apart():
+    """The local-feature check (ORB + RANSAC similarity transform, mirrored too) on real asset photos: each
+    photo's re-framed copy is one photo with it; no two different photos are."""
+    from pipeline.clean.copies import _Keypoints
+
+    names = ["zidane.jpg", "astronaut.png", "grace_hopper.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg",
+             "biden.jpg"]
+    crops = []
+    for name in names:
+        im = _open(name)
+        crops += [_jpg(im), _reframed(im)]
+    kp = _Keypoints(np.asarray(crops + [None], dtype=object)[:-1])
+    for k in range(len(names)):
+        assert kp.same_photo(2 * k, 2 * k + 1), names[k]
+    for a, b in itertools.combinations(range(len(names)), 2):
+        assert not kp.same_photo(2 * a, 2 * b + 1) and not kp.same_photo(2 * a, 2 * b), (names[a], names[b])

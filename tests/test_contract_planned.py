@@ -115,3 +115,29 @@ def test_planned_stage_ray_matches_local_and_retries(tmp_path, ray_local):
     assert summary.resubmitted == 1 and summary.failed == []
     assert _files(tmp_path / "local") == _files(tmp_path / "ray")
     assert json.loads((tmp_path / "ray" / "stats.json").read_text())["run"]["resubmitted"] == 1
+
+
+class WritesScratch(PairSums):
+    """A unit whose tool writes files under its scratch prefix (`work_uri`) itself."""
+
+    name = "writes_scratch"
+
+    def run_unit(self, unit, ctx):
+        from pipeline import storage
+
+        storage.put_bytes(storage.join(ctx.work_uri, "tool-output.bin"), b"scratch")
+        return super().run_unit(unit, ctx)
+
+
+def test_scratch_prefix_removed_for_stages_that_declare_it(tmp_path):
+    make_nums(tmp_path / "in", n_shards=2)
+    WritesScratch.uses_work_prefix = False
+    LocalExecutor().run(WritesScratch(), {"nums": tmp_path / "in"}, tmp_path / "kept")
+    assert (tmp_path / "kept" / "_work" / "00000" / "tool-output.bin").exists()  # not declared: left alone
+    WritesScratch.uses_work_prefix = True
+    try:
+        LocalExecutor().run(WritesScratch(), {"nums": tmp_path / "in"}, tmp_path / "out")
+    finally:
+        WritesScratch.uses_work_prefix = False
+    assert not (tmp_path / "out" / "_work" / "00000").exists()
+    assert DatasetDir(tmp_path / "out").done_ids() == ["00000"]

@@ -470,3 +470,27 @@ def test_response_bodies_are_capped():
         with opener.open(s.base_url + "/small", timeout=2) as r:
             assert r.read() == b"y" * 1000 and r.headers["Content-Type"] == "image/jpeg"
     assert status_code("body_too_large: more than 1000 bytes", "failed_to_download") == "body_too_large"
+
+
+def test_download_workers_do_not_import_torch():
+    """img2dataset's package __init__ imports torch (main -> writer -> webdataset); a download worker loads
+    only its downloader and resizer modules (pipeline/download/i2d.py), and the package API still works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.runtime import ensure_offline_env\n"
+        "ensure_offline_env()\n"
+        "import pipeline.executors, pipeline.download, pipeline.download.fetch, pipeline.download.worker\n"
+        "from pipeline.download.i2d import module\n"
+        "assert module('downloader').Downloader and pipeline.download.worker.Resizer\n"
+        "print('torch' in sys.modules, 'webdataset' in sys.modules)\n"
+        "from img2dataset import download\n"
+        "print(callable(download))\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "False", "True"]

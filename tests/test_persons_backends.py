@@ -28,9 +28,8 @@ from pipeline.inference import (
     export_dir,
     installed_backends,
     ultralytics_detections,
-    yolo_pose_onnx,
 )
-from pipeline.persons import PersonsStage, load_pose_model
+from pipeline.persons import PersonsStage, load_pose_model, yolo_pose_onnx
 from pipeline.stage import StageError
 from schemas.tables import DOWNLOAD
 from tests.test_persons import download_row
@@ -71,7 +70,7 @@ def photos() -> list[np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", COMPILED)
 def test_compiled_backend_matches_ultralytics_predict(backend, weights, reference):
-    compiled = CompiledPose(weights, backend, 640, threads=2)
+    compiled = CompiledPose(yolo_pose_onnx(weights, 640), backend, 640, threads=2)
     checked = 0
     # Canvases as one batch (the stage's case), then each real photo alone at its own size.
     for batch in [canvases()] + [[p] for p in photos()]:

@@ -125,6 +125,9 @@ def cluster_names(state: CleanState, eps: float, min_samples: int, top_k: int, p
             "same_photo": same_photo}
 
 
+_PHOTO_CHUNK = 4096  # rows per chunk of the one-detection-per-photo step (8 MiB of float32 at 512-d)
+
+
 def _one_detection_per_photo(state: CleanState) -> int:
     """Keep, for each photo in an identity, the detection closest to the identity's mean face
     (ties: higher face score, then person_id order); the others are `same_photo`.
@@ -150,11 +153,19 @@ def _one_detection_per_photo(state: CleanState) -> int:
     rows = rows[marked[state.ident[rows]]]
     key = state.ident[rows] * (int(state.photo.max()) + 1) + state.photo[rows]
     ids, local = np.unique(state.ident[rows], return_inverse=True)
-    f = normalise(state.feats[rows])
-    pick = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (local, np.arange(len(rows)))),
-                         shape=(len(ids), len(rows)))
-    centres = normalise(np.asarray(pick @ f))
-    closeness = np.einsum("ij,ij->i", f, centres[local])
+    # Mean faces, then each row's closeness to its identity's, in chunks of rows: the float32 copy of the
+    # features stays a few MiB (cache-sized, whatever the number of rows), so time grows linearly.
+    centres = np.zeros((len(ids), state.feats.shape[1]), dtype=np.float32)
+    for a in range(0, len(rows), _PHOTO_CHUNK):
+        sl = slice(a, a + _PHOTO_CHUNK)
+        n = len(rows[sl])
+        pick = sp.csr_matrix((np.ones(n, dtype=np.float32), (local[sl], np.arange(n))), shape=(len(ids), n))
+        centres += pick @ normalise(state.feats[rows[sl]])
+    centres = normalise(centres)
+    closeness = np.empty(len(rows), dtype=np.float32)
+    for a in range(0, len(rows), _PHOTO_CHUNK):
+        sl = slice(a, a + _PHOTO_CHUNK)
+        closeness[sl] = np.einsum("ij,ij->i", normalise(state.feats[rows[sl]]), centres[local[sl]])
     order = np.lexsort((state.order_key[rows], -state.face_score[rows], -closeness, key))
     k = key[order]
     first = np.r_[True, k[1:] != k[:-1]]

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 PATCH_SCALE = 2.0  # patch side / face box side: the face plus hair, ears and a band of background
 BLOCK = 1024  # rows per block of a name's pair search
+ORB_FEATURES = 1000  # ORB keypoints per body crop (the local-feature copy check)
+ORB_SIDE = 400  # crops are matched at most this many pixels on their longer side
+MIN_INLIERS = 40  # keypoint matches one similarity transform explains: a copy (see `_Keypoints`)
 NO_HASH = np.uint64(0)  # rows without a hash (no persons row, undecodable crop) never match anything
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -69,12 +72,13 @@ def patch_hashes(crop: bytes, face_box: list[float]) -> tuple[int, int] | None:
 
 
 def load_patch_hashes(persons: DatasetDir, shard_ids: list[str], person_ids: list[list[str]],
-                      face_boxes: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, int]:
+                      face_boxes: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, int, list]:
     """Hashes of every faces row, shard by shard (persons shards share the faces shard ids).
 
-    Returns (hash, mirrored hash, rows without a hash); memory is one persons shard's crops at a time.
+    Returns (hash, mirrored hash, rows without a hash, each row's encoded body crop or None).
     """
     out_h, out_f, missing = [], [], 0
+    out_crops: list = []
     for sid, pids, boxes in zip(shard_ids, person_ids, face_boxes):
         h = np.zeros(len(pids), dtype=np.uint64)
         f = np.zeros(len(pids), dtype=np.uint64)
@@ -83,6 +87,7 @@ def load_patch_hashes(persons: DatasetDir, shard_ids: list[str], person_ids: lis
             table = persons.read_shard(sid, columns=["person_id", "crop"])
             crops = dict(zip(table.column("person_id").to_pylist(), table.column("crop").to_pylist()))
         for k, (pid, box) in enumerate(zip(pids, boxes)):
+            out_crops.append(crops.get(pid))
             got = patch_hashes(crops[pid], box) if pid in crops else None
             if got is None:
                 missing += 1
@@ -93,7 +98,62 @@ def load_patch_hashes(persons: DatasetDir, shard_ids: list[str], person_ids: lis
     if missing:
         log.warning("clean: %d faces rows have no persons crop to hash; they are never taken for copies", missing)
     empty = np.zeros(0, dtype=np.uint64)
-    return (np.concatenate(out_h) if out_h else empty), (np.concatenate(out_f) if out_f else empty), missing
+    return ((np.concatenate(out_h) if out_h else empty), (np.concatenate(out_f) if out_f else empty), missing,
+            out_crops)
+
+
+class _Keypoints:
+    """ORB keypoints of body crops (and of their mirror images), computed once per row when first asked.
+
+    The local-feature check of a copy: a mirrored, re-encoded, resized, cropped, slightly rotated or
+    recoloured copy of a photo keeps hundreds of ORB keypoints that one similarity transform maps onto the
+    other crop (RANSAC inliers); two different photos of one person keep a handful (measured on the demo's
+    crops: copies 188-546 inliers, different photos <= 7). Perceptual hashes miss those copies once a
+    rotation and a crop add up (the demo's Zidane variants: 18-26 bits, as far as different photos)."""
+
+    def __init__(self, crops: np.ndarray | None):
+        import cv2
+
+        self.cv2, self.crops = cv2, crops
+        self.orb = cv2.ORB_create(nfeatures=ORB_FEATURES)
+        self.matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self.cache: dict[tuple[int, bool], tuple] = {}
+
+    def _features(self, row: int, mirror: bool) -> tuple:
+        key = (row, mirror)
+        if key not in self.cache:
+            got: tuple = ((), None)
+            crop = self.crops[row] if self.crops is not None else None
+            if crop is not None:
+                im = self.cv2.imdecode(np.frombuffer(crop, np.uint8), self.cv2.IMREAD_GRAYSCALE)
+                if im is not None:
+                    if mirror:
+                        im = np.ascontiguousarray(im[:, ::-1])
+                    scale = ORB_SIDE / max(im.shape)
+                    if scale < 1:
+                        im = self.cv2.resize(im, None, fx=scale, fy=scale, interpolation=self.cv2.INTER_AREA)
+                    got = self.orb.detectAndCompute(im, None)
+            self.cache[key] = got
+        return self.cache[key]
+
+    def _inliers(self, a: tuple, b: tuple) -> int:
+        (ka, da), (kb, db) = a, b
+        if da is None or db is None or len(ka) < 8 or len(kb) < 8:
+            return 0
+        good = [m[0] for m in self.matcher.knnMatch(da, db, k=2)
+                if len(m) == 2 and m[0].distance < 0.75 * m[1].distance]
+        if len(good) < 8:
+            return len(good)
+        pa = np.float32([ka[g.queryIdx].pt for g in good])
+        pb = np.float32([kb[g.trainIdx].pt for g in good])
+        _, mask = self.cv2.estimateAffinePartial2D(pa, pb, method=self.cv2.RANSAC, ransacReprojThreshold=5.0)
+        return int(mask.sum()) if mask is not None else 0
+
+    def same_photo(self, i: int, j: int) -> bool:
+        """Whether the crops of rows i and j are one photo (directly or mirrored)."""
+        first = self._features(i, False)
+        return (self._inliers(first, self._features(j, False)) >= MIN_INLIERS
+                or self._inliers(first, self._features(j, True)) >= MIN_INLIERS)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -102,8 +162,17 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _POP[x.reshape(-1).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.int64)
 
 
-def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _mutual_best(i: int, j: int, f: np.ndarray, photo: np.ndarray, sims_i: np.ndarray) -> bool:
+    """Whether row j is row i's most similar face in j's photo and i is j's in i's (name-local rows)."""
+    in_j = np.flatnonzero(photo == photo[j])
+    if in_j[int(np.argmax(sims_i[in_j]))] != j:
+        return False
+    in_i = np.flatnonzero(photo == photo[i])
+    return bool(in_i[int(np.argmax(f[in_i] @ f[j]))] == i)
+
+
+def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos: float,
+                 keypoints: _Keypoints | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For the rows of one name: the copied rows to drop, and the kept row each one copies."""
     h, hf = state.hash[rows], state.hash_flip[rows]
     photo = state.photo[rows]
@@ -113,8 +182,19 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
     for a in range(0, len(rows), BLOCK):
         hb, fb, pb = h[a:a + BLOCK, None], f[a:a + BLOCK], photo[a:a + BLOCK, None]
         dist = np.minimum(hamming(hb, h[None, :]), hamming(hb, hf[None, :]))
-        match = (dist <= max_distance) & (pb != photo[None, :])
-        match &= (fb @ f.T) >= min_cos
+        cand = (pb != photo[None, :]) & ((fb @ f.T) >= min_cos)
+        match = cand & (dist <= max_distance)
+        if keypoints is not None:
+            # Pairs the hash does not take: the local-feature check (each unordered pair once). The body
+            # crops of two people in copies of one photo match too (one scene), so a pair must also be the
+            # mutual best face match between the two photos.
+            sims = fb @ f.T
+            rr, cc = np.nonzero(cand & ~match)
+            for x, y in zip(rr.tolist(), cc.tolist()):
+                if x + a >= y or not _mutual_best(x + a, y, f, photo, sims[x]):
+                    continue
+                if keypoints.same_photo(int(rows[x + a]), int(rows[y])):
+                    match[x, y] = True
         r, c = np.nonzero(match)
         found_r.append(r + a)
         found_c.append(c)
@@ -158,11 +238,14 @@ def collapse_copies(state: CleanState, max_distance: int, min_cos: float) -> dic
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(rows) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(rows)].astype(np.int64)
     drop, kept_for, photos = [], [], 0
+    keypoints = _Keypoints(state.crops) if state.crops is not None else None
     for a, b in zip(starts, ends):
         name_rows = rows[a:b]
         if len(np.unique(state.photo[name_rows])) < 2:
             continue
-        d, k = _name_copies(name_rows, state, max_distance, min_cos)
+        if keypoints is not None:
+            keypoints.cache.clear()  # one name's keypoints at a time
+        d, k = _name_copies(name_rows, state, max_distance, min_cos, keypoints)
         drop.append(d)
         kept_for.append(k)
         photos += len(np.unique(state.photo[d]))

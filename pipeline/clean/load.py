@@ -83,6 +83,7 @@ def load_faces(inp: DatasetDir, persons: DatasetDir | None = None, ids: list[str
     feats = np.zeros((total, dim), dtype=np.float16)
     metas, norms, scores, bad, embedders = [], [], [], [], Counter()
     hashes, flips, unhashed = [], [], 0
+    crop_lists: list[list] = []
     offsets = [0]
     for sid in ids:
         table = FACES.validate(inp.read_shard(sid), where=str(inp.parquet(sid)))
@@ -107,8 +108,9 @@ def load_faces(inp: DatasetDir, persons: DatasetDir | None = None, ids: list[str
         bad.append(~ok)
         metas.append(table.select(META_COLUMNS).replace_schema_metadata(None))
         if persons is not None:
-            h, hf, missing = load_patch_hashes(persons, [sid], [table.column("person_id").to_pylist()],
-                                               [table.column("face_box").to_pylist()])
+            h, hf, missing, crops = load_patch_hashes(persons, [sid], [table.column("person_id").to_pylist()],
+                                                      [table.column("face_box").to_pylist()])
+            crop_lists.append(crops)
             hashes.append(h)
             flips.append(hf)
             unhashed += missing
@@ -133,6 +135,7 @@ def load_faces(inp: DatasetDir, persons: DatasetDir | None = None, ids: list[str
     if persons is not None:
         state.hash = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
         state.hash_flip = np.concatenate(flips) if flips else np.zeros(0, dtype=np.uint64)
+        state.crops = np.asarray([c for part in crop_lists for c in part] + [None], dtype=object)[:-1]
     bad_rows = np.concatenate(bad) if bad else np.zeros(0, dtype=bool)
     state.ident[bad_rows] = DROPPED
     state.reason[bad_rows] = "bad_feature"

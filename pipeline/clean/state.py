@@ -31,6 +31,8 @@ class CleanState:
     # stage ran without the persons crops; see pipeline/clean/copies.py.
     hash: np.ndarray | None = None
     hash_flip: np.ndarray | None = None
+    # The encoded body crop of each row (bytes or None), for local-feature matching of copies.
+    crops: np.ndarray | None = None
     copy_of: np.ndarray = field(default=None)  # (N,) int64 row a `near_duplicate` row copies, else -1
 
     def __post_init__(self) -> None:

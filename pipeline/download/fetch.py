@@ -100,9 +100,11 @@ def fetch_urls(cfg: DownloadConfig, pairs: list[tuple[str, str]]) -> tuple[dict[
     if not pairs:
         return {}, 0.0
     import fsspec
-    from img2dataset.downloader import Downloader
 
+    from pipeline.download.i2d import module
     from pipeline.download.worker import WebBodyResizer
+
+    Downloader = module("downloader").Downloader  # noqa: N806 (img2dataset's class; no torch import: i2d.py)
 
     _install_opener(cfg)
     fs = fsspec.filesystem("memory")

@@ -7,9 +7,11 @@ with safe decoding and normalisation (images.py), same geometry and encoding.
 from __future__ import annotations
 
 import cv2
-from img2dataset.resizer import Resizer
 
+from pipeline.download.i2d import module
 from pipeline.download.images import ImageRejected, encode, normalise, resize
+
+Resizer = module("resizer").Resizer  # img2dataset's, imported without its torch-importing package __init__
 
 # One OpenCV thread per call: img2dataset already runs `thread_count` images at once per process
 # (img2dataset's own resizer does the same).

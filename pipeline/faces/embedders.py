@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from pipeline.config import EmbedderThresholds
 from pipeline.stage import StageError
 from schemas.devices import DeviceError, resolve_device
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
     from pipeline.config import FacesConfig
 
 # The paper's cosine thresholds (docs/official-pipeline.md 1f/1g) for the 512-d ArcFace-style embedders.
-_COSINE_PAPER = {"dbscan_eps": 0.7, "dbscan_min_samples": 2, "merge": 0.7, "ambiguous": 0.6,
-                 "val_overlap": 0.7, "duplicate": 0.9}
+# They are EmbedderThresholds' defaults, defined once there.
+_COSINE_PAPER = EmbedderThresholds().model_dump()
 
 # dlib's descriptors live on another scale: same person when L2 < 0.6 (dlib's documented rule), and they are not
 # unit-norm (measured norms 1.23-1.60) and share a large common component, so different people already have high
@@ -258,8 +259,6 @@ def register_embedder(name: str, *, default_weights: str | None, thresholds: Map
                       ) -> Callable[[EmbedderFactory], EmbedderFactory]:
     """Decorate a factory to make `faces.embedder: <name>` build it. The thresholds are checked now, so a bad
     entry fails where it is declared, not in the clean stage hours later."""
-    from pipeline.config import EmbedderThresholds
-
     EmbedderThresholds.model_validate(dict(thresholds))
 
     def add(factory: EmbedderFactory) -> EmbedderFactory:

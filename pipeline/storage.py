@@ -32,12 +32,13 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,12 +186,13 @@ def put_bytes(uri: Uri, data: bytes) -> None:
         fs.pipe_file(path, bytes(data))
 
 
-def _local_atomic_write(path: Path, data: bytes) -> None:
+def _local_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a temporary file in its folder: `write(fh)`, fsync, rename; removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -199,25 +201,20 @@ def _local_atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _local_atomic_write(path: Path, data: bytes) -> None:
+    _local_atomic(path, lambda fh: fh.write(data))
+
+
 def put_file(uri: Uri, local_file: Uri) -> None:
     """Publish a finished local file at `uri` (atomic like put_bytes; large files are not held in memory)."""
     fs, path = resolve(uri)
     src = Path(os.fspath(local_file))
     if fs is None:
-        dst = Path(path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        os.close(fd)
-        try:
-            with open(src, "rb") as fi, open(tmp, "wb") as fo:
-                for chunk in iter(lambda: fi.read(1 << 22), b""):
-                    fo.write(chunk)
-                fo.flush()
-                os.fsync(fo.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        def copy(fo: BinaryIO) -> None:
+            with open(src, "rb") as fi:
+                shutil.copyfileobj(fi, fo, 1 << 22)
+
+        _local_atomic(Path(path), copy)
     else:
         fs.put_file(str(src), path)  # s3fs: one PUT, or a multipart upload that appears only when complete
 

@@ -15,6 +15,7 @@ that a duplicate URL was fetched once, or that a retry happened.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -162,7 +163,6 @@ def s3_environment(port: int) -> dict[str, str]:
 def moto_s3(port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
     """Run moto's S3 server (`python -m moto.server`) on 127.0.0.1:<port> in a child process; yields the
     endpoint URL. The caller points AWS_ENDPOINT_URL at it (see `s3_environment`)."""
-    import subprocess
     import sys
     import urllib.request
 
@@ -182,12 +182,17 @@ def moto_s3(port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
                 time.sleep(0.2)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def make_bucket(name: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 from pipeline.bundle import run
 from pipeline.bundle.report import write_report
 from tests.bundle_support import make_build, small_config
+from tests.servers import stop_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -140,8 +141,4 @@ def test_report_in_headless_chromium(report, tmp_path):
         # keypoint dots (yellow, BGR 0,230,255) are drawn on the thumbnail
         assert (np.abs(thumb.reshape(-1, 3).astype(int) - [0, 230, 255]).sum(axis=1) < 90).sum() > 3
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

@@ -73,15 +73,16 @@ def _is_marker(key: str) -> bool:
 def _shards(build: Path) -> dict[str, int]:
     """A stage's shards: what it commits, or for the bundle what it reads.
 
-    query ... faces: their shards (one per manifest shard). clean: the shards its three passes commit
-    (`_names`, `_dedup`, the selection: three per faces shard). bundle: the shards of its three inputs
-    (clean, persons, faces), whose markers planning checks; it commits fewer (one tar for the demo).
+    query ... faces: their shards (one per manifest shard). clean: the shards all its planned passes commit
+    (`_names`, each `_merge/rN` round, `_dedup`, the selection; each pass is a stage directory on the
+    contract with its own roll-up). bundle: the shards of its three inputs (clean, persons, faces), whose
+    markers planning checks; it commits fewer (one tar for the demo).
     """
     st = {n: json.loads((build / n / "stats.json").read_text()) for n in
           ("query", "download", "persons", "faces", "clean")}
-    passes = sum(json.loads((build / "clean" / p / "stats.json").read_text())["shards"] for p in ("_names", "_dedup"))
     out = {n: st[n]["shards"] for n in ("query", "download", "persons", "faces")}
-    out["clean"] = st["clean"]["shards"] + passes
+    out["clean"] = sum(json.loads(f.read_text())["shards"] for f in (build / "clean").rglob("stats.json")
+                       if not f.name.startswith("part-"))
     out["bundle"] = st["clean"]["shards"] + st["persons"]["shards"] + st["faces"]["shards"]
     return out
 

@@ -179,25 +179,33 @@ def _name_copies(rows: np.ndarray, state: CleanState, max_distance: int, min_cos
     f = normalise(state.feats[rows])
     # Pairs in row blocks: memory is BLOCK x n per step, whatever the name's size (rows all have a hash).
     found_r, found_c = [], []
+    orb_cand: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for a in range(0, len(rows), BLOCK):
         hb, fb, pb = h[a:a + BLOCK, None], f[a:a + BLOCK], photo[a:a + BLOCK, None]
         dist = np.minimum(hamming(hb, h[None, :]), hamming(hb, hf[None, :]))
         cand = (pb != photo[None, :]) & ((fb @ f.T) >= min_cos)
         match = cand & (dist <= max_distance)
         if keypoints is not None:
-            # Pairs the hash does not take: the local-feature check (each unordered pair once). The body
-            # crops of two people in copies of one photo match too (one scene), so a pair must also be the
-            # mutual best face match between the two photos.
+            # Pairs the hash does not take go to the local-feature check, each unordered pair once, when
+            # they are each other's most similar face between their two photos (decided below per photo pair).
             sims = fb @ f.T
             rr, cc = np.nonzero(cand & ~match)
             for x, y in zip(rr.tolist(), cc.tolist()):
-                if x + a >= y or not _mutual_best(x + a, y, f, photo, sims[x]):
-                    continue
-                if keypoints.same_photo(int(rows[x + a]), int(rows[y])):
-                    match[x, y] = True
+                if x + a < y and _mutual_best(x + a, y, f, photo, sims[x]):
+                    orb_cand.setdefault((int(photo[x + a]), int(photo[y])), []).append((x + a, y))
         r, c = np.nonzero(match)
         found_r.append(r + a)
         found_c.append(c)
+    if keypoints is not None:
+        # Two photos are one photo when every face of each has its counterpart in the other and every
+        # counterpart pair's body crops match (a collage pasting one face next to different people is not).
+        n_in = {int(p): int(n) for p, n in zip(*np.unique(photo, return_counts=True))}
+        for (pi, pj), pairs in sorted(orb_cand.items()):
+            if n_in[pi] != n_in[pj] or len(pairs) != n_in[pi] or len({y for _, y in pairs}) != len(pairs):
+                continue
+            if all(keypoints.same_photo(int(rows[x]), int(rows[y])) for x, y in pairs):
+                found_r.append(np.asarray([x for x, _ in pairs], dtype=np.int64))
+                found_c.append(np.asarray([y for _, y in pairs], dtype=np.int64))
     r, c = np.concatenate(found_r), np.concatenate(found_c)
     empty = np.zeros(0, dtype=np.int64)
     if not len(r):

@@ -230,10 +230,12 @@ def summarise(name: str, runs: list[list[dict]], images: int) -> dict:
             break
         cpu = [r["cpu_s"] for r in got]
         rate = [images / c for c in cpu if c > 0]
-        stages.append({"model set": name, "stage": stage, "rows_in": got[0]["rows_in"],
-                       "rows_out": got[0]["rows_out"],
-                       "cpu_s": statistics.median(cpu), "cpu_s_min": min(cpu), "cpu_s_max": max(cpu),
-                       "wall_s": statistics.median(r["wall_s"] for r in got),
+        per_row = [r["cpu_s"] / r["rows_in"] for r in got if r["rows_in"]]
+        stages.append({"model set": name, "stage": stage, "rows_in": [r["rows_in"] for r in got],
+                       "rows_out": [r["rows_out"] for r in got],
+                       "cpu_s_per_row_in": round(statistics.median(per_row), 4) if per_row else None,
+                       "cpu_s": round(statistics.median(cpu), 3), "cpu_s_min": min(cpu), "cpu_s_max": max(cpu),
+                       "wall_s": round(statistics.median(r["wall_s"] for r in got), 2),
                        "images_per_core_s": round(statistics.median(rate), 3) if rate else None,
                        "images_per_core_s_min": round(min(rate), 3) if rate else None,
                        "images_per_core_s_max": round(max(rate), 3) if rate else None,
@@ -250,7 +252,7 @@ def summarise(name: str, runs: list[list[dict]], images: int) -> dict:
         "cpu_s_per_image": spread([t / images for t in totals], 4) if totals else None,
         "bounding_stage": bound["stage"] if bound else None,
         "bounding_stage_images_per_core_s": bound["images_per_core_s"] if bound else None,
-        "faces_per_image": round(faces[0]["rows_in"] / images, 3) if faces and faces[0]["rows_in"] else 0.0,
+        "faces_per_image": round(statistics.median(f["rows_in"] or 0 for f in faces) / images, 3) if faces else 0.0,
         "stages": stages, "runs": runs,
     }
 
@@ -281,9 +283,9 @@ def project(name: str, r: dict, faces_per_image_ref: float | None = None) -> lis
     by_stage = {s["stage"]: s for s in r["stages"]}
     variants = [(f"as measured ({r['faces_per_image']} faces/image)", 1.0, r["faces_per_image"])]
     faces = by_stage.get("faces")
-    if faces_per_image_ref and faces and faces["rows_in"]:
+    if faces_per_image_ref and faces and faces["cpu_s_per_row_in"]:
         other = sum(s["cpu_s"] for s in r["stages"] if s["stage"] != "faces")
-        scaled = (other + faces["cpu_s"] / faces["rows_in"] * faces_per_image_ref * r["images"]) / r["images"]
+        scaled = (other + faces["cpu_s_per_row_in"] * faces_per_image_ref * r["images"]) / r["images"]
         variants.append((f"faces scaled to {faces_per_image_ref} faces/image (the demo's real pose model)",
                          scaled / per_image["median"], faces_per_image_ref))
     for label, factor, _ in variants:

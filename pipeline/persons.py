@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import BuildConfig, PersonsConfig
+from pipeline.config import BuildConfig, PersonsConfig, hashed_dump
 from pipeline.geometry import Transform, crop_window, crop_with_fill, pad_box
 from pipeline.inference import (
     EXPORT_DIR,
@@ -47,9 +47,6 @@ from schemas.tables import DOWNLOAD
 
 log = logging.getLogger(__name__)
 
-# Fields that change how fast the stage runs, never what it writes: kept out of the output's config hash,
-# so a resumed run may use another batch size or actor count.
-EXECUTION_FIELDS = {"batch_size", "num_actors", "actor_cpus", "actor_gpus", "threads"}
 ARCH_SUFFIXES = (".yaml", ".yml")  # an Ultralytics model definition: random weights, for plumbing tests
 
 
@@ -150,7 +147,7 @@ class PersonsStage(ShardStage):
 
     def config_hash(self) -> str:
         # The backend that will run (auto resolved) is part of the hash: backends agree only to float precision.
-        doc = self.cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        doc = hashed_dump(self.cfg)  # without the fields marked execution() in pipeline/config.py
         doc["backend"] = self.backend_name()
         return config_hash(doc)
 

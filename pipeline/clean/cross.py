@@ -136,12 +136,8 @@ def _embedder(names_dir: DatasetDir) -> str | None:
     return names_dir.read_json("stats.json").get("embedder")
 
 
-class SearchStage(PlannedStage):
-    """One round of the merge search (see the module doc); the output holds the pairs found."""
-
-    name = "clean_search"
-    output_schema = PAIRS
-    sort_keys = ("a", "b")
+class _RoundStage(PlannedStage):
+    """A pass of one merge round: its number is part of the config hash (each round has its own output)."""
 
     def __init__(self, config: CleanConfig, round_no: int = 0):
         super().__init__(config)
@@ -149,6 +145,15 @@ class SearchStage(PlannedStage):
 
     def config_hash(self) -> str:
         return config_hash({"clean": self.config.model_dump(mode="json"), "round": self.round_no})
+
+
+class SearchStage(_RoundStage):
+    """One round of the merge search (see the module doc); the output holds the pairs found."""
+
+    name = "clean_search"
+    output_schema = PAIRS
+    sort_keys = ("a", "b")
+
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         blocks = ctx.inputs["names"].read_json("blocks.json")["blocks"]
@@ -283,19 +288,13 @@ def merge_round(pairs: pa.Table, merge: float, prev: dict) -> dict:
     return {"done": False, "state": state, "carried": pairs.filter(pa.array(carry))}
 
 
-class GatherStage(PlannedStage):
+class GatherStage(_RoundStage):
     """Sums of every merged identity, one unit per block (partial sums over the block's shards)."""
 
     name = "clean_gather"
     output_schema = SUMS
     sort_keys = ("identity",)
 
-    def __init__(self, config: CleanConfig, round_no: int):
-        super().__init__(config)
-        self.round_no = round_no
-
-    def config_hash(self) -> str:
-        return config_hash({"clean": self.config.model_dump(mode="json"), "round": self.round_no})
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         blocks = ctx.inputs["names"].read_json("blocks.json")["blocks"]

@@ -215,6 +215,22 @@ class KillRecord:
     progress: list[str] = field(default_factory=list)  # stage dirs with markers at the kill
 
 
+def run_or_kill(cmd: Sequence[str], kill_after: float | None, timeout_s: float, cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> bool:
+    """Run `cmd` in its own process group to the end (True; it must exit 0), or SIGKILL the whole group after
+    `kill_after` seconds (False). Without `kill_after` it may run `timeout_s`."""
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return False
+    assert proc.returncode == 0, out.decode()[-4000:]
+    return True
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process and everything it started in its session (Ray's raylet, workers, servers)."""
     try:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -30,7 +28,7 @@ import flows.build as build_module
 from flows.demo import run_demo
 from pipeline import storage
 from pipeline.shards import DatasetDir
-from tests.faults import REPO, VOLATILE_JSON_KEYS, _strip_keys, subprocess_env
+from tests.faults import REPO, VOLATILE_JSON_KEYS, _strip_keys, run_or_kill, subprocess_env
 from tests.servers import free_port
 from tests.test_storage_s3 import CountingS3
 
@@ -91,16 +89,7 @@ def _run_cli(output: str, work: Path, kill_after: float | None = None) -> bool:
     """`webbody demo --output OUTPUT` in its own process group; SIGKILLed after `kill_after` s (returns False)."""
     cmd = [sys.executable, "-m", "flows.cli", "demo", "--output", output, "--no-prefect", "--executor", "local",
            "--work", str(work)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else 1800)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return False
-    assert proc.returncode == 0, out.decode()[-4000:]
-    return True
+    return run_or_kill(cmd, kill_after, 1800, cwd=REPO, env=subprocess_env())
 
 
 def test_demo_build_on_s3_is_the_local_build_and_survives_sigkill(s3_bucket, tmp_path, monkeypatch, capsys):

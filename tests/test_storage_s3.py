@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.executors import LocalExecutor, RayExecutor
 from pipeline.query import build_manifest
 from pipeline.shards import DatasetDir
-from tests.faults import AddOffset, SlowSquare, make_toy_input
+from tests.faults import AddOffset, SlowSquare, make_toy_input, run_or_kill
 
 pytestmark = pytest.mark.integration
 
@@ -181,20 +181,10 @@ print("DONE")
 
 
 def _run_target(root: str, kill_after: float | None = None) -> bool:
-    import signal
-    import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_TARGET, root], cwd=Path(__file__).resolve().parent.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else 600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return False
-    assert proc.returncode == 0, out.decode()[-3000:]
-    return True
+    return run_or_kill([sys.executable, "-c", _KILL_TARGET, root], kill_after, 600,
+                       cwd=Path(__file__).resolve().parent.parent)
 
 
 @pytest.mark.slow

@@ -119,14 +119,14 @@ def decode_sample(raw: dict[str, Any]) -> Decoded:
         raise DecodeError(f"{key}: missing .jpg or .json member")
     try:
         meta = json.loads(raw["json"])
-        validate_sample(meta, where=key)
+        meta = validate_sample(meta, where=key)  # an older rename-only version comes back upgraded
     except (json.JSONDecodeError, SchemaError, UnicodeDecodeError) as exc:
         raise DecodeError(f"{key}: bad metadata ({exc})") from exc
     image = decode_image(raw["jpg"])
     if image is None:
         raise DecodeError(f"{key}: image does not decode")
     frame = max(image.shape[:2])
-    return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["label"]), meta)
+    return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["class_id"]), meta)
 
 
 class SkipCounter:

@@ -134,13 +134,13 @@ def _downgrade_tar(path: str) -> None:
 def test_a_version_1_bundle_still_trains(tmp_path):
     """Shards written before the rename decode to the same class ids, and the class count is found."""
     paths = write_shards(tmp_path / "b", n_identities=3, per_identity=2, split="train", samples_per_shard=4)
-    before = [(d.meta["key"], d.label) for d in iter_decoded(paths)]
+    before = [(d.meta["key"], d.class_id) for d in iter_decoded(paths)]
     for p in paths:
         _downgrade_tar(p)
     with tarfile.open(paths[0]) as tar:
         first = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".json"))).read())
     assert first["version"] == 1 and "label" in first and "class_id" not in first
-    after = [(d.meta["key"], d.label) for d in iter_decoded(paths)]
+    after = [(d.meta["key"], d.class_id) for d in iter_decoded(paths)]
     assert after == before and sorted({c for _, c in after}) == [0, 1, 2]
 
     # the index as version 1 wrote it: `label`, `sha256`, version 1 in the metadata

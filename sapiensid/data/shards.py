@@ -1,5 +1,5 @@
 """Reading WebBody WebDataset shards: URL expansion, opening (local, `pipe:`, http, or any fsspec URL), tar
-parsing with `webdataset`, and decoding one sample into (image, 22 keypoints, label, meta)."""
+parsing with `webdataset`, and decoding one sample into (image, 22 keypoints, class id, meta)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def iter_raw(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
 class Decoded:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     points: np.ndarray  # (22, 2) pixel coordinates of `image`, -1 missing
-    label: int
+    class_id: int  # the sample record's `class_id`
     meta: dict[str, Any]
 
 

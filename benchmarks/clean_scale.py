@@ -82,7 +82,7 @@ def shard_table(k: int, n: int, per_name: int, dim: int, repeat_share: float = 0
     cols = {
         "person_id": pa.array(pid), "sample_id": pa.array(sample),
         "detection_index": pa.array(det),
-        "label": pa.array([f"n{m:07d}" for m in name]), "name": pa.array([f"n{m:07d}" for m in name]),
+        "source_label": pa.array([f"n{m:07d}" for m in name]), "name": pa.array([f"n{m:07d}" for m in name]),
         "face_box": pa.array([[10.0, 10.0, 60.0, 60.0]] * n, FACES.schema.field("face_box").type),
         "face_landmarks": pa.array([[1.0] * 10] * n, FACES.schema.field("face_landmarks").type),
         "face_score": pa.array(rng.uniform(0.94, 1.0, n).astype(np.float32)),

@@ -276,9 +276,9 @@ def main() -> None:
         from pipeline.shards import DatasetDir
 
         out = {}
-        for _, t in DatasetDir(d).iter_tables(columns=["url", "status", "sha256"]):
+        for _, t in DatasetDir(d).iter_tables(columns=["url", "status", "image_sha256"]):
             for r in t.to_pylist():
-                out[r["url"].split("/", 3)[3]] = (r["status"], r["sha256"])
+                out[r["url"].split("/", 3)[3]] = (r["status"], r["image_sha256"])
         return out
 
     a, b = by_path(work / "cluster"), by_path(work / "single")

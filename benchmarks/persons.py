@@ -60,8 +60,8 @@ def canvases(n: int) -> list[bytes]:
 def tables(images: list[bytes], batch: int) -> list:
     out = []
     for start in range(0, len(images), batch):
-        rows = [{"sample_id": f"{start + i:06d}", "label": "l", "name": "n", "url": "u", "status": "success",
-                 "image": img, "sha256": None} for i, img in enumerate(images[start:start + batch])]
+        rows = [{"sample_id": f"{start + i:06d}", "source_label": "l", "name": "n", "url": "u", "status": "success",
+                 "image": img, "image_sha256": None} for i, img in enumerate(images[start:start + batch])]
         out.append(DOWNLOAD.from_rows(rows))
     return out
 

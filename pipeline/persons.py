@@ -191,7 +191,7 @@ class PersonsStage(ShardStage):
     def process(self, batch: pa.Table) -> BatchResult:
 
         drops: Counter = Counter()
-        rows = batch.select(["sample_id", "label", "name", "url", "status", "image", "sha256"]).to_pylist()
+        rows = batch.select(["sample_id", "source_label", "name", "url", "status", "image", "image_sha256"]).to_pylist()
         todo: list[tuple[dict, np.ndarray]] = []
         for row in rows:
             if row["status"] != "success":
@@ -237,10 +237,10 @@ class PersonsStage(ShardStage):
                 "person_id": f"{row['sample_id']}_{det_idx}",
                 "sample_id": row["sample_id"],
                 "detection_index": det_idx,
-                "label": row["label"],
+                "source_label": row["source_label"],
                 "name": row["name"],
                 "url": row["url"],
-                "image_sha256": row["sha256"],
+                "image_sha256": row["image_sha256"],
                 "box": padded.tolist(),
                 "det_box": xyxy[i].tolist(),
                 "box_score": float(conf[i]),

@@ -3,17 +3,17 @@
 Inputs (config `query.inputs`, any mix, read in order):
 - `url_lst`: WebFace260M / WebBody `url.lst` lines `idx label URL...`; tokens after the second are re-joined
   with single spaces into the URL (URLs may contain spaces), as the official make_parquet step does.
-- `table`: CSV, JSONL or parquet with a `url` column and `name` and/or `label`.
+- `table`: CSV, JSONL or parquet with a `url` column and `name` and/or `label` (or `source_label`).
 - `captions`: LAION-style metadata (parquet/CSV/JSONL with `url` and `caption`) searched for a list of names:
   whole-word, case- and accent-insensitive, at most `per_name_cap` URLs per name.
 
 Every input row ends up in the manifest or counted under a reason: `malformed_line`, `missing_field`,
 `not_utf8`, `bad_url` (not http(s) with a host), `duplicate_url` (same URL twice for one identity),
 `optout_name`, `optout_domain`, `name_cap`, and for captions `no_match`. Sample ids are a hash of
-(label, url), so the same input always gives the same ids.
+(source_label, url), so the same input always gives the same ids.
 
-Shards are NAME-ALIGNED: all URLs of one label are in one shard (names packed greedily, in order of first
-appearance, into shards of at most `shard_size` rows; rows of a name keep input order). A name with more
+Shards are NAME-ALIGNED: all URLs of one source label are in one shard (names packed greedily, in order of
+first appearance, into shards of at most `shard_size` rows; rows of a name keep input order). A name with more
 than `shard_size` URLs gets shards of its own (consecutive ids, each holding only that name; their stats
 name it under `split_label`). Later stages keep shard ids, so per-name steps can run shard by shard.
 
@@ -69,7 +69,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class Candidate:
     """One input row before de-duplication and opt-outs."""
 
-    label: str
+    source_label: str  # the identity as the source names it (a WebFace260M label, or derived from the name)
     name: str
     url: str
     source_idx: str | None = None
@@ -95,8 +95,8 @@ def derived_label(name: str) -> str:
     return f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def sample_id(label: str, url: str) -> str:
-    return hashlib.sha1(f"{label}\x00{url}".encode()).hexdigest()[:20]
+def sample_id(source_label: str, url: str) -> str:
+    return hashlib.sha1(f"{source_label}\x00{url}".encode()).hexdigest()[:20]
 
 
 def url_ok(url: str) -> bool:
@@ -151,7 +151,7 @@ def read_url_lst(path: str | Path) -> Iterator[Candidate | str]:
                 yield "malformed_line"
                 continue
             idx, label, url = tokens[0], tokens[1], " ".join(tokens[2:])
-            yield Candidate(label=label, name=label, url=url, source_idx=idx)
+            yield Candidate(source_label=label, name=label, url=url, source_idx=idx)
 
 
 def _suffix(path: str | Path) -> str:
@@ -216,17 +216,19 @@ def _has_surrogate(s: str) -> bool:
 
 
 def read_table(path: str | Path) -> Iterator[Candidate | str]:
-    for rec in _iter_records(path, ["name", "label", "url", "idx"]):
+    # `source_label` is the manifest's name for it; `label` is what WebFace260M-style tables call it
+    for rec in _iter_records(path, ["name", "source_label", "label", "url", "idx"]):
         if isinstance(rec, str):
             yield rec
             continue
         url = (rec.get("url") or "").strip()
         name = (rec.get("name") or "").strip()
-        label = (rec.get("label") or "").strip()
+        label = (rec.get("source_label") or rec.get("label") or "").strip()
         if not url or not (name or label):
             yield "missing_field"
             continue
-        yield Candidate(label=label or derived_label(name), name=name or label, url=url, source_idx=rec.get("idx"))
+        yield Candidate(source_label=label or derived_label(name), name=name or label, url=url,
+                        source_idx=rec.get("idx"))
 
 
 class NameIndex:
@@ -269,7 +271,7 @@ def read_captions(path: str | Path, index: NameIndex) -> Iterator[Candidate | st
             yield "no_match"
             continue
         for name in names:
-            yield Candidate(label=derived_label(name), name=name, url=url)
+            yield Candidate(source_label=derived_label(name), name=name, url=url)
 
 
 def input_files(path: str) -> list[str]:
@@ -332,7 +334,7 @@ class ManifestBuilder:
         self.cfg = cfg
         self.optout_names = {fold(n).strip() for n in load_list(cfg.optout_names)}
         self.optout_domains = {d.lower().lstrip(".").rstrip(".") for d in load_list(cfg.optout_domains)}
-        # 8-byte digests of (label, url): memory ~ 100 B per unique row (see docs/download.md for scale)
+        # 8-byte digests of (source_label, url): memory ~ 100 B per unique row (see docs/download.md for scale)
         self.seen: set[bytes] = set()
         self.by_label: dict[str, list[dict]] = {}  # insertion order = first appearance of the name
         self.drops: Counter = Counter()
@@ -351,25 +353,25 @@ class ManifestBuilder:
             self.drops["bad_url"] += 1
             return
         if self.optout_names and (
-            fold(item.name).strip() in self.optout_names or fold(item.label).strip() in self.optout_names
+            fold(item.name).strip() in self.optout_names or fold(item.source_label).strip() in self.optout_names
         ):
             self.drops["optout_name"] += 1
             return
         if self.optout_domains and self.domain_opted_out(item.url):
             self.drops["optout_domain"] += 1
             return
-        key = hashlib.blake2b(f"{item.label}\x00{item.url}".encode(), digest_size=8).digest()
+        key = hashlib.blake2b(f"{item.source_label}\x00{item.url}".encode(), digest_size=8).digest()
         if key in self.seen:
             self.drops["duplicate_url"] += 1
             return
-        rows = self.by_label.setdefault(item.label, [])
+        rows = self.by_label.setdefault(item.source_label, [])
         if cap is not None and len(rows) >= cap:
             self.drops["name_cap"] += 1
             return
         self.seen.add(key)
         rows.append({
-            "sample_id": sample_id(item.label, item.url),
-            "label": item.label,
+            "sample_id": sample_id(item.source_label, item.url),
+            "source_label": item.source_label,
             "name": item.name,
             "url": item.url,
             "source_idx": item.source_idx,
@@ -430,12 +432,12 @@ def input_fingerprint(cfg: QueryConfig) -> list[list]:
 def _read_file(inp: QueryInput, path: str) -> pa.Table:
     """One input file's candidates and skips as a table (what a parallel read task returns)."""
     index = NameIndex(load_list(inp.names)) if inp.names is not None else None
-    cols: dict[str, list] = {"label": [], "name": [], "url": [], "source_idx": [], "skip": []}
+    cols: dict[str, list] = {"source_label": [], "name": [], "url": [], "source_idx": [], "skip": []}
     for item in iter_file(inp, path, index):
         if isinstance(item, str):
             vals = [None, None, None, None, item]
         else:
-            vals = [item.label, item.name, item.url, item.source_idx, None]
+            vals = [item.source_label, item.name, item.url, item.source_idx, None]
         for c, v in zip(cols, vals, strict=True):
             cols[c].append(v)
     return pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
@@ -443,8 +445,8 @@ def _read_file(inp: QueryInput, path: str) -> pa.Table:
 
 def _items(t: pa.Table) -> Iterator[Candidate | str]:
     d = t.to_pydict()
-    for label, name, url, idx, skip in zip(d["label"], d["name"], d["url"], d["source_idx"], d["skip"], strict=True):
-        yield skip if skip is not None else Candidate(label=label, name=name, url=url, source_idx=idx)
+    for label, name, url, idx, skip in zip(d["source_label"], d["name"], d["url"], d["source_idx"], d["skip"], strict=True):
+        yield skip if skip is not None else Candidate(source_label=label, name=name, url=url, source_idx=idx)
 
 
 def iter_all(cfg: QueryConfig, parallel: bool = False) -> Iterator[tuple[QueryInput, Candidate | str]]:

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.stage import StageError
+from schemas.base import old_column_names, upgrade_table
 
 Uri = str | os.PathLike
 
@@ -439,11 +440,24 @@ def write_parquet(uri: Uri, table: pa.Table, **options: Any) -> bytes:
 
 
 def read_parquet(uri: Uri, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+    """A stored table with today's column names (`schemas.base.upgrade_table`: old rename-only versions)."""
     fs, path = resolve(uri)
-    try:
+
+    def read(cols: list[str] | None) -> pa.Table:
         if fs is None:
-            return pq.read_table(path, columns=columns, filters=filters)
-        return pq.read_table(path, columns=columns, filters=filters, filesystem=fs)
+            return pq.read_table(path, columns=cols, filters=filters)
+        return pq.read_table(path, columns=cols, filters=filters, filesystem=fs)
+
+    try:
+        try:
+            return upgrade_table(read(columns))
+        except pa.ArrowInvalid:
+            # A file of an older schema version may name a requested column differently: read its footer
+            # (only on this failure path, so today's files cost no extra request) and ask for the old names.
+            old = old_column_names(pq.read_schema(path, filesystem=fs), columns) if columns else columns
+            if old == columns:
+                raise
+            return upgrade_table(read(old))
     except FileNotFoundError:
         raise StorageError(f"{display(uri)} not found") from None
 
@@ -458,4 +472,6 @@ def parquet_file(uri: Uri) -> pq.ParquetFile:
 
 
 def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(pa.BufferReader(data), columns=columns)
+    if columns:
+        columns = old_column_names(pq.read_schema(pa.BufferReader(data)), columns)
+    return upgrade_table(pq.read_table(pa.BufferReader(data), columns=columns))

@@ -27,15 +27,9 @@ import pyarrow as pa
 
 from pipeline.clean.state import normalise
 from pipeline.config import FacesConfig
-from pipeline.faces.align import (
-    ARCFACE_112,
-    AlignError,
-    pad_to_square,
-    similarity_to_template,
-    transform_points,
-    warp_face,
-)
+from pipeline.faces.align import ARCFACE_112
 from pipeline.faces.embedders import FaceCrop
+from pipeline.faces.photos import photo_faces
 from pipeline.shards import atomic_write_parquet
 from pipeline.stage import StageError
 from schemas.clean import VALSET_CENTERS
@@ -112,24 +106,7 @@ class ValsetEmbedder:
 
     def photos(self, images: list[np.ndarray]) -> list[np.ndarray | None]:
         """Features of the best face of each photo; None where no face is found or alignment fails."""
-        squares = [pad_to_square(img, value=0) for img in images]
-        dets = self.detector.detect_batch([s for s, _, _ in squares], max_faces=1)
-        crops, where = [], []
-        for k, ((square, left, top), found) in enumerate(zip(squares, dets)):
-            if not found:
-                continue
-            try:
-                matrix = similarity_to_template(found[0].landmarks)
-            except AlignError:
-                continue
-            box = found[0].box.reshape(2, 2) - np.array([left, top], np.float32)
-            crops.append(FaceCrop(warp_face(square, matrix), transform_points(found[0].landmarks, matrix),
-                                  images[k], box.reshape(4)))
-            where.append(k)
-        out: list[np.ndarray | None] = [None] * len(images)
-        for k, feat in zip(where, self.embedder.embed(crops) if crops else []):
-            out[k] = np.asarray(feat, np.float32)
-        return out
+        return [f.feature for f in photo_faces(self.detector, self.embedder, images, pick="best")]
 
 
 def _embedder_config(faces: FacesConfig) -> str:

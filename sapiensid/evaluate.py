@@ -165,7 +165,7 @@ def embed_shard_stream(model: nn.Module, urls: list[str], device: torch.device, 
         chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for s in iter_decoded(urls, skips):
             chunk.append(prepare_input(s.image, s.points, size))  # the decoded image is dropped here
-            meta["labels"].append(s.label)
+            meta["labels"].append(s.class_id)
             meta["keys"].append(s.meta["key"])
             meta["roles"].append(s.meta.get("role"))
             if len(chunk) == batch_size:

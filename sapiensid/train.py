@@ -33,6 +33,7 @@ from sapiensid.data import AugmentConfig, BatchPlan, StreamLoader, StreamSpec, e
 from sapiensid.loss import PartialFCAdaFace
 from sapiensid.masking import default_keep_count
 from sapiensid.model import SapiensID
+from schemas.base import upgrade_table
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def infer_num_classes(shards: str | list[str], split: str) -> int:
-    """Identity count from the bundle's index.parquet (max label + 1 over `split`) or stats.json."""
+    """Identity count from the bundle's index.parquet (max class_id + 1 over `split`) or stats.json."""
     root = Path(shards if isinstance(shards, str) else shards[0])
     root = root if root.is_dir() else root.parent
     index = root / "index.parquet"
@@ -123,11 +124,11 @@ def infer_num_classes(shards: str | list[str], split: str) -> int:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = pq.read_table(index)
+        table = upgrade_table(pq.read_table(index))  # a version-1 index names class_id `label`
         if "split" in table.column_names:
             table = table.filter(pc.equal(table["split"], split))
         if table.num_rows:
-            return int(pc.max(table["label"]).as_py()) + 1
+            return int(pc.max(table["class_id"]).as_py()) + 1
     stats = root / "stats.json"
     if stats.exists():
         data = json.loads(stats.read_text())

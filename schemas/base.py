@@ -1,13 +1,16 @@
 """Versioned pyarrow schemas and the validator every stage runs on what it reads and writes.
 
 A schema is registered under a table name with an integer version stored in the schema metadata, so a
-shard written by an older pipeline is recognised (and refused with a clear message) instead of being
-misread.
+shard written by an older pipeline is recognised instead of being misread: a version whose only change was
+renamed columns is read through `renames` (the old names mapped to today's, see `upgrade`), any other
+older or newer version is refused with a clear message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import pyarrow as pa
 
@@ -25,12 +28,15 @@ class TableSchema:
 
     `required` columns must be present with exactly the declared type. Extra columns are refused unless
     `allow_extra` is set (stages may carry pass-through columns such as img2dataset's `key`).
+    `renames[v]` maps the column names of version `v` to those of version `v + 1`, for versions whose only
+    change was a rename: tables of those versions are read as today's (`upgrade`).
     """
 
     name: str
     version: int
     schema: pa.Schema
     allow_extra: bool = False
+    renames: Mapping[int, Mapping[str, str]] = dc_field(default_factory=dict, hash=False)
 
     @property
     def arrow(self) -> pa.Schema:
@@ -38,9 +44,32 @@ class TableSchema:
             {SCHEMA_NAME_KEY: self.name.encode(), SCHEMA_VERSION_KEY: str(self.version).encode()}
         )
 
+    def readable_from(self, version: int) -> bool:
+        """Whether a table of `version` can be read as this one (today's, or renames all the way up)."""
+        return all(v in self.renames for v in range(version, self.version))
+
+    def column_names_at(self, version: int, names: list[str]) -> list[str]:
+        """Today's column `names` as version `version` called them (to read a subset of an old file)."""
+        back = list(names)
+        for v in range(self.version - 1, version - 1, -1):
+            old_of = {new: old for old, new in self.renames.get(v, {}).items()}
+            back = [old_of.get(n, n) for n in back]
+        return back
+
+    def upgrade(self, table: pa.Table, version: int) -> pa.Table:
+        """`table`, written at `version`, with today's column names and version metadata."""
+        names = list(table.column_names)
+        for v in range(version, self.version):
+            mapping = self.renames.get(v, {})
+            names = [mapping.get(n, n) for n in names]
+        meta = dict(table.schema.metadata or {})
+        meta[SCHEMA_VERSION_KEY] = str(self.version).encode()
+        return table.rename_columns(names).replace_schema_metadata(meta)
+
     def validate(self, table: pa.Table, where: str = "") -> pa.Table:
         """Return `table` cast to this schema (column order and metadata), or raise SchemaError."""
         loc = f" in {where}" if where else ""
+        table = upgrade_table(table)
         meta = table.schema.metadata or {}
         if SCHEMA_NAME_KEY in meta:
             found_name = meta[SCHEMA_NAME_KEY].decode()
@@ -99,6 +128,41 @@ def _safely_castable(got: pa.DataType, want: pa.DataType) -> bool:
 
 
 REGISTRY: dict[str, TableSchema] = {}
+
+
+def table_version(table_or_schema: pa.Table | pa.Schema) -> tuple[str, int] | None:
+    """(table name, version) from the schema metadata, or None for a table with no webbody metadata."""
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    meta = schema.metadata or {}
+    if SCHEMA_NAME_KEY not in meta:
+        return None
+    return meta[SCHEMA_NAME_KEY].decode(), int(meta.get(SCHEMA_VERSION_KEY, b"0"))
+
+
+def upgrade_table(table: pa.Table) -> pa.Table:
+    """A table of an older, rename-only version of a registered schema, with today's names; others as they are.
+
+    Every reader of stored tables calls this (`TableSchema.validate` does, and so does
+    `pipeline.storage.read_parquet`), so old shards resume and old bundles train without a rewrite.
+    """
+    found = table_version(table)
+    if found is None or found[0] not in REGISTRY:
+        return table
+    ts = REGISTRY[found[0]]
+    if found[1] < ts.version and ts.readable_from(found[1]):
+        return ts.upgrade(table, found[1])
+    return table
+
+
+def old_column_names(schema: pa.Schema, columns: list[str]) -> list[str]:
+    """The names `columns` (today's) have in a file with `schema`, which may be an older rename-only version."""
+    found = table_version(schema)
+    if found is None or found[0] not in REGISTRY:
+        return columns
+    ts = REGISTRY[found[0]]
+    if found[1] < ts.version and ts.readable_from(found[1]):
+        return ts.column_names_at(found[1], columns)
+    return columns
 
 
 def register(ts: TableSchema) -> TableSchema:

@@ -14,7 +14,8 @@ from schemas.base import TableSchema, register
 BUNDLE_INDEX = register(
     TableSchema(
         name="bundle_index",
-        version=1,
+        version=2,
+        renames={1: {"sha256": "member_sha256", "label": "class_id"}},
         schema=pa.schema(
             [
                 pa.field("key", pa.string(), nullable=False),
@@ -29,10 +30,10 @@ BUNDLE_INDEX = register(
                 pa.field("json_size", pa.int64(), nullable=False),
                 pa.field("npy_offset", pa.int64()),  # null when the sample has no .face.npy
                 pa.field("npy_size", pa.int64()),
-                pa.field("sha256", pa.string(), nullable=False),  # of the .jpg member
+                pa.field("member_sha256", pa.string(), nullable=False),  # of the .jpg member
                 pa.field("json_sha256", pa.string(), nullable=False),
                 pa.field("npy_sha256", pa.string()),
-                pa.field("label", pa.int32(), nullable=False),  # contiguous per split at build time
+                pa.field("class_id", pa.int32(), nullable=False),  # contiguous per split at build time
                 pa.field("identity", pa.string(), nullable=False),
                 pa.field("name", pa.string(), nullable=False),
                 pa.field("role", pa.string(), nullable=False),  # test: "query" | "gallery"; train: "train"

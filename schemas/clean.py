@@ -16,13 +16,14 @@ from schemas.base import TableSchema, register
 CLEAN = register(
     TableSchema(
         name="clean",
-        version=2,
+        version=3,
+        renames={2: {"label": "source_label"}},
         schema=pa.schema(
             [
                 pa.field("person_id", pa.string(), nullable=False),
                 pa.field("sample_id", pa.string(), nullable=False),
                 pa.field("detection_index", pa.int32(), nullable=False),
-                pa.field("label", pa.string(), nullable=False),  # source identity label (the query name)
+                pa.field("source_label", pa.string(), nullable=False),  # source identity label (the query name)
                 pa.field("name", pa.string(), nullable=False),
                 pa.field("identity", pa.string()),  # new identity id; null when dropped
                 pa.field("kept", pa.bool_(), nullable=False),

@@ -14,13 +14,14 @@ from schemas.base import TableSchema, register
 FACES = register(
     TableSchema(
         name="faces",
-        version=1,
+        version=2,
+        renames={1: {"label": "source_label"}},
         schema=pa.schema(
             [
                 pa.field("person_id", pa.string(), nullable=False),
                 pa.field("sample_id", pa.string(), nullable=False),
                 pa.field("detection_index", pa.int32(), nullable=False),
-                pa.field("label", pa.string(), nullable=False),
+                pa.field("source_label", pa.string(), nullable=False),
                 pa.field("name", pa.string(), nullable=False),
                 # x1, y1, x2, y2 of the detected face, body-crop px
                 pa.field("face_box", pa.list_(pa.float32(), 4), nullable=False),

@@ -16,13 +16,14 @@ KEYPOINT_VALUES = NUM_KEYPOINTS * 3  # x, y, confidence per point
 PERSONS = register(
     TableSchema(
         name="persons",
-        version=1,
+        version=2,
+        renames={1: {"label": "source_label"}},
         schema=pa.schema(
             [
                 pa.field("person_id", pa.string(), nullable=False),  # f"{sample_id}_{detection_index}"
                 pa.field("sample_id", pa.string(), nullable=False),
                 pa.field("detection_index", pa.int32(), nullable=False),  # rank by box confidence, 0-based
-                pa.field("label", pa.string(), nullable=False),
+                pa.field("source_label", pa.string(), nullable=False),
                 pa.field("name", pa.string(), nullable=False),
                 pa.field("url", pa.string(), nullable=False),
                 pa.field("image_sha256", pa.string()),

@@ -11,7 +11,9 @@ from typing import Any
 
 from schemas.base import SchemaError
 
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
+# Versions whose only change was renamed fields: version -> {old name: new name} (read by `upgrade_sample`).
+SAMPLE_RENAMES: dict[int, dict[str, str]] = {1: {"label": "class_id"}}
 IMAGE_SIZE = 384
 NUM_BODY_KEYPOINTS = 17
 KEYPOINT_VISIBLE = 0.5
@@ -19,7 +21,7 @@ KEYPOINT_VISIBLE = 0.5
 # field -> (python types accepted, required)
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "key": ((str,), True),
-    "label": ((int,), True),  # contiguous identity label of the bundle, 0..N-1
+    "class_id": ((int,), True),  # contiguous class id of the identity within its split, 0..N-1
     "identity": ((str,), True),  # stable identity id from the clean stage
     "name": ((str,), True),
     "split": ((str,), True),
@@ -43,9 +45,27 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 
 
+def upgrade_sample(meta: dict[str, Any]) -> dict[str, Any]:
+    """A record of an older, rename-only version with today's field names (a new dict); others unchanged."""
+    version = meta.get("version")
+    if not isinstance(version, int) or version >= SAMPLE_VERSION or any(
+        v not in SAMPLE_RENAMES for v in range(version, SAMPLE_VERSION)
+    ):
+        return meta
+    out = dict(meta)
+    for v in range(version, SAMPLE_VERSION):
+        out = {SAMPLE_RENAMES[v].get(k, k): val for k, val in out.items()}
+    out["version"] = SAMPLE_VERSION
+    return out
+
+
 def validate_sample(meta: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Raise SchemaError naming the field if `meta` is not a valid sample record; return it otherwise."""
+    """Raise SchemaError naming the field if `meta` is not a valid sample record; return it otherwise.
+
+    A record of an older rename-only version is returned upgraded (`upgrade_sample`): use the return value.
+    """
     loc = f" ({where})" if where else ""
+    meta = upgrade_sample(meta)
     for field, (types, required) in _FIELDS.items():
         if field not in meta:
             if required:

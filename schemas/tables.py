@@ -6,17 +6,18 @@ import pyarrow as pa
 
 from schemas.base import TableSchema, register
 
-# One row per (identity, URL). `sample_id` is a deterministic hash of (label, url), so re-running the
+# One row per (identity, URL). `sample_id` is a deterministic hash of (source_label, url), so re-running the
 # query stage on the same input gives the same ids, and ids stay unique when one URL serves two names.
 MANIFEST = register(
     TableSchema(
         name="manifest",
-        version=1,
+        version=2,
+        renames={1: {"label": "source_label"}},
         schema=pa.schema(
             [
                 pa.field("sample_id", pa.string(), nullable=False),
-                pa.field("label", pa.string(), nullable=False),  # identity label as given by the source
-                pa.field("name", pa.string(), nullable=False),  # human-readable identity name (may equal label)
+                pa.field("source_label", pa.string(), nullable=False),  # identity label as given by the source
+                pa.field("name", pa.string(), nullable=False),  # human-readable identity name (may equal source_label)
                 pa.field("url", pa.string(), nullable=False),
                 pa.field("source_idx", pa.string()),  # WebFace260M global index when the input has one
             ]
@@ -28,11 +29,12 @@ MANIFEST = register(
 DOWNLOAD = register(
     TableSchema(
         name="download",
-        version=1,
+        version=2,
+        renames={1: {"label": "source_label", "sha256": "image_sha256"}},
         schema=pa.schema(
             [
                 pa.field("sample_id", pa.string(), nullable=False),
-                pa.field("label", pa.string(), nullable=False),
+                pa.field("source_label", pa.string(), nullable=False),
                 pa.field("name", pa.string(), nullable=False),
                 pa.field("url", pa.string(), nullable=False),
                 pa.field("status", pa.string(), nullable=False),  # "success" or a drop reason
@@ -42,7 +44,7 @@ DOWNLOAD = register(
                 pa.field("height", pa.int32()),
                 pa.field("original_width", pa.int32()),
                 pa.field("original_height", pa.int32()),
-                pa.field("sha256", pa.string()),  # of `image`
+                pa.field("image_sha256", pa.string()),  # of `image`
             ]
         ),
     )

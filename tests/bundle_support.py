@@ -74,7 +74,7 @@ def make_build(root: Path, n_ids: int = 8, per_id: int = 6, n_shards: int = 3, s
             crop, face_box, lm = _crop(rng, ident, w, h)
             name = (names or {}).get(ident, f"Person {ident}")
             person = {
-                "person_id": pid, "sample_id": sample_id, "detection_index": det, "label": f"L{ident}",
+                "person_id": pid, "sample_id": sample_id, "detection_index": det, "source_label": f"L{ident}",
                 "name": name, "url": url, "image_sha256": hashlib.sha256(crop).hexdigest(),
                 "box": [10.0, 20.0, 10.0 + w, 20.0 + h], "det_box": [12.0, 22.0, 8.0 + w, 18.0 + h],
                 "box_score": float(rng.uniform(0.7, 1.0)), "keypoints": _keypoints(rng, w, h, j % 3 != 0),
@@ -84,14 +84,14 @@ def make_build(root: Path, n_ids: int = 8, per_id: int = 6, n_shards: int = 3, s
             person["keypoints_crop"] = list(person["keypoints"])
             feat = identity_direction(ident) * 10 + rng.normal(scale=0.3, size=DIM).astype(np.float32)
             face = {
-                "person_id": pid, "sample_id": sample_id, "detection_index": det, "label": f"L{ident}",
+                "person_id": pid, "sample_id": sample_id, "detection_index": det, "source_label": f"L{ident}",
                 "name": name, "face_box": face_box, "face_landmarks": lm, "face_score": 0.99,
                 "face_size_px": face_box[2] - face_box[0], "feature": feat.astype("<f2").tobytes(),
                 "feature_dim": DIM, "feature_norm": float(np.linalg.norm(feat)), "embedder": "dlib",
             }
             kept = j < per_id
             clean = {
-                "person_id": pid, "sample_id": sample_id, "detection_index": det, "label": f"L{ident}",
+                "person_id": pid, "sample_id": sample_id, "detection_index": det, "source_label": f"L{ident}",
                 "name": name, "identity": f"id{ident:04d}" if kept else None, "kept": kept,
                 "reason": None if kept else "near_duplicate",
             }

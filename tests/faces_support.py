@@ -37,7 +37,7 @@ def person_row(sample_id: str, crop: np.ndarray | None = None, keypoints: list[f
     kp = list(keypoints if keypoints is not None else NO_KEYPOINTS)
     return {
         "person_id": f"{sample_id}_{det}", "sample_id": sample_id, "detection_index": det,
-        "label": label or f"label_{sample_id}", "name": f"name {sample_id}",
+        "source_label": label or f"label_{sample_id}", "name": f"name {sample_id}",
         "url": f"http://127.0.0.1/{sample_id}.jpg", "image_sha256": hashlib.sha256(data).hexdigest(),
         "box": [0.0, 0.0, float(w), float(h)], "det_box": [0.0, 0.0, float(w), float(h)], "box_score": 0.9,
         "keypoints": kp, "keypoints_crop": kp, "crop": data, "crop_format": "jpg", "crop_x": 0, "crop_y": 0,

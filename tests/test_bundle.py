@@ -69,7 +69,7 @@ def test_members_contiguous_and_index_offsets(built):
             jpg = blob[r["jpg_offset"]: r["jpg_offset"] + r["jpg_size"]]
             assert jpg[:2] == b"\xff\xd8"
             meta = json.loads(blob[r["json_offset"]: r["json_offset"] + r["json_size"]])
-            assert meta["key"] == k and meta["label"] == r["label"] and meta["split"] == r["split"]
+            assert meta["key"] == k and meta["class_id"] == r["class_id"] and meta["split"] == r["split"]
 
 
 def test_record_geometry_matches_source(built):
@@ -185,7 +185,7 @@ def test_splits_disjoint_labels_contiguous(built):
         ids[r["split"]].add(r["identity"])
     assert ids["train"].isdisjoint(ids["test"]) and len(ids["test"]) == 2
     for split in ("train", "test"):
-        labels = {r["identity"]: r["label"] for r in rows if r["split"] == split}
+        labels = {r["identity"]: r["class_id"] for r in rows if r["split"] == split}
         assert sorted(labels.values()) == list(range(len(labels)))
     roles = defaultdict(set)
     for r in rows:

@@ -166,7 +166,7 @@ def _persons_table(rows: FaceRows, crops: list[bytes]):
     for k, pid in enumerate(c["person_id"]):
         recs.append({
             "person_id": pid, "sample_id": c["sample_id"][k], "detection_index": c["detection_index"][k],
-            "label": c["label"][k], "name": c["name"][k], "url": f"http://127.0.0.1:1/{pid}.jpg",
+            "source_label": c["source_label"][k], "name": c["name"][k], "url": f"http://127.0.0.1:1/{pid}.jpg",
             "image_sha256": "", "box": [0.0, 0.0, 1.0, 1.0], "det_box": [0.0, 0.0, 1.0, 1.0], "box_score": 0.9,
             "keypoints": [0.0] * 51, "keypoints_crop": [0.0] * 51, "crop": crops[k], "crop_format": "jpg",
             "crop_x": 0, "crop_y": 0, "crop_width": 1, "crop_height": 1, "image_width": 640, "image_height": 640,

@@ -36,7 +36,7 @@ def build_rows(seed: int) -> FaceRows:
 
 
 def faces_dirs(tmp_path, rows: FaceRows):
-    labels = np.asarray(rows.cols["label"])
+    labels = np.asarray(rows.cols["source_label"])
     first = np.flatnonzero(np.isin(labels, ["ann", "bob"]))
     second = np.flatnonzero(~np.isin(labels, ["ann", "bob"]))
     aligned = write_faces_dir(tmp_path / "aligned", [rows.table(first), rows.table(second)])

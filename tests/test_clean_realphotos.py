@@ -108,7 +108,7 @@ def test_real_photos_copies_count_once_and_two_people_names_yield_nothing(tmp_pa
 
     groups = {"obama": {"obama.jpg", "obama_mirrored.jpg", "obama_cropped.jpg"},
               "biden": {"biden.jpg", "biden_mirrored.jpg", "biden_cropped.jpg", "biden_small.jpg"}}
-    mine = [r for r in sel if r["label"] == "Barack_Obama"]
+    mine = [r for r in sel if r["source_label"] == "Barack_Obama"]
     assert len(mine) == 8, seen  # one face per photo
     kept = [urls[r["sample_id"]] for r in mine if r["kept"]]
     # Obama twice: obama2.jpg and one copy of his first photo (whichever the copy rule keeps), once each.
@@ -121,7 +121,7 @@ def test_real_photos_copies_count_once_and_two_people_names_yield_nothing(tmp_pa
         assert len(keeper) == 1, (who, seen)
         assert all(r["duplicate_of"] == keeper[0]["person_id"] for r in rows if r is not keeper[0]), (who, seen)
     assert stats["steps"]["copies"]["near_duplicate"] == 5
-    pairs = [r for r in sel if r["label"] == "Two_People"]
+    pairs = [r for r in sel if r["source_label"] == "Two_People"]
     assert len(pairs) == 6, seen  # both people found in each of the three photos
     assert {r["reason"] for r in pairs} == {"ambiguous_name"}, seen
     assert stats["steps"]["cluster"]["ambiguous_names"] == 1

@@ -340,7 +340,7 @@ def test_images_are_normalised_and_bordered(downloaded):
         im = Image.open(io.BytesIO(r["image"]))
         assert im.format == "JPEG" and im.size == (640, 640) and im.mode == "RGB"
         assert (r["width"], r["height"]) == (640, 640)
-        assert r["sha256"] == __import__("hashlib").sha256(r["image"]).hexdigest()
+        assert r["image_sha256"] == __import__("hashlib").sha256(r["image"]).hexdigest()
     bus = np.asarray(Image.open(io.BytesIO(rows["bus.jpg"]["image"])))
     assert (rows["bus.jpg"]["original_width"], rows["bus.jpg"]["original_height"]) == (810, 1080)
     assert bus[:, :30].min() > 245 and bus[:, -30:].min() > 245  # white side borders of a portrait photo

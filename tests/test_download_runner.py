@@ -21,7 +21,7 @@ from tests.test_download import JPEG, jpeg
 def test_download_shard_is_pure_and_deterministic():
     routes = {"/a.jpg": Route(200, JPEG, jpeg(80, 60)), "/b.jpg": Route(200, JPEG, jpeg(60, 80))}
     with serving(routes) as s:
-        rows = pa.table({"sample_id": ["s2", "s1", "s3", "s4"], "label": ["x", "x", "y", "y"],
+        rows = pa.table({"sample_id": ["s2", "s1", "s3", "s4"], "source_label": ["x", "x", "y", "y"],
                          "name": ["x", "x", "y", "y"],
                          "url": [f"{s.base_url}/b.jpg", f"{s.base_url}/a.jpg", f"{s.base_url}/a.jpg",
                                  "http://10.0.0.1/c.jpg"]})
@@ -36,7 +36,7 @@ def test_download_shard_is_pure_and_deterministic():
 
 
 def test_failed_shard_keeps_every_row_counted():
-    rows = pa.table({"sample_id": ["b", "a"], "label": ["x", "y"], "name": ["x", "y"],
+    rows = pa.table({"sample_id": ["b", "a"], "source_label": ["x", "y"], "name": ["x", "y"],
                      "url": ["http://h/1.jpg", "http://h/2.jpg"]})
     table, stats = failed_shard(rows, "00003", "task_failed", "attempt 3: OSError: boom")
     assert table.column("sample_id").to_pylist() == ["a", "b"]

@@ -82,9 +82,9 @@ def test_prcc_layout(tmp_path):
 def test_webbody_shard_split_and_report(tmp_path, tiny_model):
     paths = write_shards(tmp_path / "b", n_identities=4, per_identity=3, split="test", samples_per_shard=50)
     recs = [json.loads(r["json"]) for r in iter_raw(paths)]
-    roles = webbody_query_gallery([r["label"] for r in recs], [r["key"] for r in recs], [r.get("role") for r in recs])
+    roles = webbody_query_gallery([r["class_id"] for r in recs], [r["key"] for r in recs], [r.get("role") for r in recs])
     assert len(roles.query) == 4 and len(roles.gallery) == 8
-    assert {recs[i]["label"] for i in roles.query} == {0, 1, 2, 3}
+    assert {recs[i]["class_id"] for i in roles.query} == {0, 1, 2, 3}
     assert not set(roles.query) & set(roles.gallery)
     pairs = []
     for i in range(4):

@@ -120,9 +120,9 @@ def download_rows(photos: tuple[str, ...]) -> list[dict]:
         assert ok
         sid = p.split(".")[0]
         data = buf.tobytes()
-        rows.append({"sample_id": sid, "label": "obama" if sid.startswith("obama") else sid, "name": sid,
+        rows.append({"sample_id": sid, "source_label": "obama" if sid.startswith("obama") else sid, "name": sid,
                      "url": f"http://127.0.0.1/{p}", "status": "success", "image": data, "width": 640,
-                     "height": 640, "sha256": hashlib.sha256(data).hexdigest()})
+                     "height": 640, "image_sha256": hashlib.sha256(data).hexdigest()})
     return rows
 
 

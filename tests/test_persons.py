@@ -36,10 +36,10 @@ def download_row(sample_id: str, photo: str | None, size: int = 640, status: str
         assert ok
         image = buf.tobytes()
     return {
-        "sample_id": sample_id, "label": f"label_{sample_id}", "name": f"name {sample_id}",
+        "sample_id": sample_id, "source_label": f"label_{sample_id}", "name": f"name {sample_id}",
         "url": f"http://127.0.0.1/{sample_id}.jpg", "status": status, "image": image,
         "width": size if image else None, "height": size if image else None,
-        "sha256": hashlib.sha256(image).hexdigest() if image else None,
+        "image_sha256": hashlib.sha256(image).hexdigest() if image else None,
         "error": None if status == "success" else "HTTP 404",
     }
 
@@ -128,7 +128,7 @@ def test_stage_keeps_persons_and_counts_bad_rows(tmp_path, tiny_stage):
     r0 = table.slice(0, 1).to_pylist()[0]
     assert r0["box"][0] < 0 or r0["box"][1] < 0 or r0["box"][2] > 160 or r0["box"][3] > 160
     # Labels and provenance pass through.
-    assert r0["label"] == f"label_{r0['sample_id']}" and r0["image_sha256"] == hashlib.sha256(
+    assert r0["source_label"] == f"label_{r0['sample_id']}" and r0["image_sha256"] == hashlib.sha256(
         sources[r0["sample_id"]]).hexdigest()
 
 

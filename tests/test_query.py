@@ -36,7 +36,7 @@ def test_url_lst_lines_spaces_duplicates_and_bad_lines(tmp_path):
     cfg = QueryConfig(inputs=[{"path": str(lst)}], shard_size=2)
     stats = build_manifest(cfg, tmp_path / "m")
     got = rows(tmp_path / "m")
-    assert [(r["source_idx"], r["label"], r["url"]) for r in got] == [
+    assert [(r["source_idx"], r["source_label"], r["url"]) for r in got] == [
         ("0", "100", "http://a.example/x.jpg"),
         ("1", "100", "http://a.example/my photo 1.jpg"),
         ("3", "200", "http://a.example/x.jpg"),
@@ -73,10 +73,10 @@ def test_tables_csv_jsonl_parquet_optouts_and_cap(tmp_path):
     )
     stats = build_manifest(cfg, tmp_path / "m")
     got = rows(tmp_path / "m")
-    names = [(r["name"], r["label"]) for r in got]
+    names = [(r["name"], r["source_label"]) for r in got]
     assert names[0] == ("José Álvarez", derived_label("José Álvarez"))
     assert names[1][0] == "../../x" and "/" not in names[1][1] and "." not in names[1][1].split("-")[0]
-    assert [r["url"] for r in got if r["label"] == "L7"] == ["http://ok.example/a.jpg", "http://ok.example/b.jpg"]
+    assert [r["url"] for r in got if r["source_label"] == "L7"] == ["http://ok.example/a.jpg", "http://ok.example/b.jpg"]
     assert names[-1][0] == "Zed"
     assert stats["drops"] == {"malformed_line": 1, "missing_field": 1, "name_cap": 1, "not_utf8": 1,
                               "optout_domain": 1, "optout_name": 1}
@@ -161,7 +161,7 @@ def test_shards_are_name_aligned_and_big_names_get_their_own(tmp_path):
     _lst(tmp_path / "url.lst", rows)
     stats = build_manifest(QueryConfig(inputs=[{"path": str(tmp_path / "url.lst")}], shard_size=3), tmp_path / "m")
     d = DatasetDir(tmp_path / "m")
-    shards = {sid: t.column("label").to_pylist() for sid, t in d.iter_tables()}
+    shards = {sid: t.column("source_label").to_pylist() for sid, t in d.iter_tables()}
     # every label in exactly one shard, except "big" (7 URLs > 3), whose shards hold nothing else
     assert shards == {"00000": ["a", "a"], "00001": ["b", "b"], "00002": ["big"] * 3, "00003": ["big"] * 3,
                       "00004": ["big"], "00005": ["c", "d"]}

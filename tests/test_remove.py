@@ -69,8 +69,8 @@ def test_remove_by_name_leaves_no_trace(bundle):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["removals"] == {"requests": 1, "samples": 6} and stats["rows_out"] == len(after)
     # other samples kept their bytes (same checksums as before)
-    old = {r["key"]: r["sha256"] for r in before}
-    assert all(old[r["key"]] == r["sha256"] for r in after)
+    old = {r["key"]: r["member_sha256"] for r in before}
+    assert all(old[r["key"]] == r["member_sha256"] for r in after)
     # re-running the bundle stage over the same selection does not bring the subject back
     run(small_config(), inputs, out)
     assert not any(r["identity"] == ident for r in _index(out)) and verify_bundle(out) == []

@@ -43,7 +43,7 @@ def test_expand_and_decode(shards):
     s = samples[0]
     assert s.image.shape == (384, 384, 3) and s.image.dtype == np.uint8
     assert s.points.shape == (22, 2)
-    assert sorted({x.label for x in samples}) == list(range(6))
+    assert sorted({x.class_id for x in samples}) == list(range(6))
 
 
 def test_keypoints22_layout():

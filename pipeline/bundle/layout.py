@@ -172,7 +172,7 @@ def summarize(out: str | Store, shard_stats: list[dict], extra: dict) -> dict:
             "samples": sub.num_rows,
             "identities": len(pc.unique(sub.column("identity"))),
             "shards": sum(1 for s in shard_stats if s["split"] == split),
-            "labels": (pc.max(sub.column("label")).as_py() + 1) if sub.num_rows else 0,
+            "classes": (pc.max(sub.column("class_id")).as_py() + 1) if sub.num_rows else 0,
         }
     per_split["test"]["queries"] = int(pc.sum(pc.equal(index.column("role"), "query")).as_py() or 0)
     per_split["test"]["gallery"] = int(pc.sum(pc.equal(index.column("role"), "gallery")).as_py() or 0)

@@ -7,7 +7,7 @@ Checks, each reported with the shard, the key and the member it concerns:
   (`.jpg`, `.json`, `.face.npy` when indexed), at the indexed data offsets and sizes, with the indexed sha256;
 - the image decodes to image_size x image_size; the record parses, passes `schemas.sample.validate_sample`
   (keypoint count, visibility in [0, 1], visible points inside the frame, boxes ordered), names the same
-  key/label/split/identity as the index, and its keypoint visibility matches the index's mask;
+  key/class_id/split/identity as the index, and its keypoint visibility matches the index's mask;
 - counts: samples per shard and per split, and the total, as stats.json says.
 """
 
@@ -149,7 +149,7 @@ def verify_shard(path: Path, rows: list[dict], listed: dict, size: int, decode_i
 def _check_sample(shard: str, r: dict, got: dict, size: int, decode_images: bool) -> list[Problem]:
     key = r["key"]
     out: list[Problem] = []
-    expected = {"jpg": ("jpg_offset", "jpg_size", "sha256"), "json": ("json_offset", "json_size", "json_sha256")}
+    expected = {"jpg": ("jpg_offset", "jpg_size", "member_sha256"), "json": ("json_offset", "json_size", "json_sha256")}
     if r["npy_offset"] is not None:
         expected["face.npy"] = ("npy_offset", "npy_size", "npy_sha256")
     for ext in sorted(set(got) - set(expected)):
@@ -186,11 +186,11 @@ def _check_record(shard: str, r: dict, data: bytes, size: int) -> list[Problem]:
     key = r["key"]
     try:
         meta = json.loads(data)
-        validate_sample(meta, where=key)
+        meta = validate_sample(meta, where=key)
     except (ValueError, SchemaError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return [Problem(shard, f"{key}.json: {exc}")]
     out = []
-    for field in ("key", "label", "split", "identity"):
+    for field in ("key", "class_id", "split", "identity"):
         if meta[field] != r[field]:
             out.append(Problem(shard, f"{key}.json: {field} {meta[field]!r}, index says {r[field]!r}"))
     for i, (x, y, _) in enumerate(meta["keypoints"]):

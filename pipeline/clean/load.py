@@ -23,7 +23,7 @@ from schemas.faces import FACES
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ["person_id", "sample_id", "detection_index", "label", "name"]
+META_COLUMNS = ["person_id", "sample_id", "detection_index", "source_label", "name"]
 
 
 @dataclass
@@ -121,7 +121,7 @@ def load_faces(inp: DatasetDir, persons: DatasetDir | None = None, ids: list[str
             "row must come from one embedder; re-run the faces stage with one `faces.embedder`"
         )
     meta = pa.concat_tables(metas) if metas else FACES.empty().select(META_COLUMNS).replace_schema_metadata(None)
-    label, labels = _codes(meta.column("label"), sort=True)
+    label, labels = _codes(meta.column("source_label"), sort=True)
     photo, _ = _codes(meta.column("sample_id"), sort=False)
     state = CleanState(
         feats=feats,

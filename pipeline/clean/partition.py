@@ -83,7 +83,7 @@ def name_groups(faces: DatasetDir) -> list[list[str]]:
     index: dict[str, int] = {}
     rows, cols = [], []
     for k, sid in enumerate(ids):
-        for label in pc.unique(faces.read_shard(sid, columns=["label"]).column("label")).to_pylist():
+        for label in pc.unique(faces.read_shard(sid, columns=["source_label"]).column("source_label")).to_pylist():
             rows.append(k)
             cols.append(index.setdefault(label, len(index)))
     if not ids:
@@ -431,7 +431,7 @@ class SelectStage(PlannedStage):
             if v is not None and v in drop:
                 ident[m], reason[m] = None, drop[v]
         kept = [v is not None for v in ident]
-        table = (t.select(["person_id", "sample_id", "detection_index", "label", "name"])
+        table = (t.select(["person_id", "sample_id", "detection_index", "source_label", "name"])
                  .append_column("identity", pa.array(ident, type=pa.string()))
                  .append_column("kept", pa.array(kept, type=pa.bool_()))
                  .append_column("reason", pa.array(reason, type=pa.string()))

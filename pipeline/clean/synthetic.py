@@ -54,7 +54,7 @@ class FaceRows:
         c["person_id"].append(person_id)
         c["sample_id"].append(photo)
         c["detection_index"].append(detection)
-        c["label"].append(label)
+        c["source_label"].append(label)
         c["name"].append(name or label)
         c["face_box"].append([10.0, 10.0, 60.0, 60.0])
         c["face_landmarks"].append([25.0, 30.0, 45.0, 30.0, 35.0, 40.0, 28.0, 50.0, 42.0, 50.0])

@@ -183,7 +183,7 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
     drops: Counter = Counter()
     notes: Counter = Counter()
     seen: set[str] = set()
-    for r in rows.select(["sample_id", "label", "name", "url"]).to_pylist():
+    for r in rows.select(["sample_id", "source_label", "name", "url"]).to_pylist():
         key = ukeys.get(r["url"])
         if key is None:
             res = Fetched(status=precheck[r["url"]], error="refused before download", attempts=0)
@@ -199,7 +199,7 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
         if res.status == "success":
             r.update(status="success", error=None, image=res.image, width=res.width, height=res.height,
                      original_width=res.original_width, original_height=res.original_height,
-                     sha256=hashlib.sha256(res.image).hexdigest())
+                     image_sha256=hashlib.sha256(res.image).hexdigest())
             if res.attempts == 2:
                 notes["recovered_by_retry"] += 1
         else:
@@ -225,7 +225,7 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
 def failed_shard(rows: pa.Table, shard_id: str, code: str, error: str) -> tuple[pa.Table, dict]:
     """Every row of a shard whose task kept failing, under one status (`task_failed`), so it is counted."""
     out_rows = [{**r, "status": code, "error": error[:500]}
-                for r in rows.select(["sample_id", "label", "name", "url"]).to_pylist()]
+                for r in rows.select(["sample_id", "source_label", "name", "url"]).to_pylist()]
     table = DOWNLOAD.from_rows(out_rows) if out_rows else DOWNLOAD.empty()
     if table.num_rows > 1:
         table = table.sort_by([("sample_id", "ascending")])
@@ -254,7 +254,7 @@ def refetch(table: pa.Table, cfg: DownloadConfig, codes: frozenset[str]) -> tupl
         if o.status == "success" and o.image:
             r.update(status="success", error=None, image=o.image, width=o.width, height=o.height,
                      original_width=o.original_width, original_height=o.original_height,
-                     sha256=hashlib.sha256(o.image).hexdigest())
+                     image_sha256=hashlib.sha256(o.image).hexdigest())
             changed += 1
         elif o.status != r["status"]:
             r.update(status=o.status, error=(o.error or "")[:500])

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # Columns of the persons table this stage reads (its schema module may carry more).
 # Left out of the output's config hash: they change speed, not rows (GPU numerics aside).
-INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "label", "name", "crop", "keypoints_crop")
+INPUT_COLUMNS = ("person_id", "sample_id", "detection_index", "source_label", "name", "crop", "keypoints_crop")
 
 
 @dataclass
@@ -164,7 +164,7 @@ class FacesStage(ShardStage):
             faces.append(FaceCrop(aligned, transform_points(landmarks, matrix), item.image, box))
             records.append({
                 "person_id": item.row["person_id"], "sample_id": item.row["sample_id"],
-                "detection_index": item.row["detection_index"], "label": item.row["label"],
+                "detection_index": item.row["detection_index"], "source_label": item.row["source_label"],
                 "name": item.row["name"], "face_box": box.tolist(),
                 "face_landmarks": landmarks.reshape(10).tolist(),
                 "face_score": det.score, "face_size_px": size,

@@ -133,15 +133,15 @@ class ShardStream(IterableDataset):
     def _make_item(self, raw: dict, epoch: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         spec = self.spec
         dec = decode_sample(raw)
-        if spec.num_classes is not None and not 0 <= dec.label < spec.num_classes:
-            raise DecodeError(f"{raw.get('__key__')}: label {dec.label} outside [0, {spec.num_classes})")
+        if spec.num_classes is not None and not 0 <= dec.class_id < spec.num_classes:
+            raise DecodeError(f"{raw.get('__key__')}: class_id {dec.class_id} outside [0, {spec.num_classes})")
         rng = np.random.default_rng((spec.seed, epoch, self.slot, offset))
         if spec.augment is not None:
             img, pts = augment(dec.image, dec.points, spec.image_size, rng, spec.augment, dec.meta)
         else:
             img, pts = resize_square(dec.image, dec.points, spec.image_size)
         mask = foreground_mask_white(img)
-        return img, mask, normalise_keypoints(pts, spec.image_size), dec.label
+        return img, mask, normalise_keypoints(pts, spec.image_size), dec.class_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, offset, j = self.start.epoch, self.start.offset, self.start.batches

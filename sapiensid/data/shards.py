@@ -1,5 +1,5 @@
 """Reading WebBody WebDataset shards: URL expansion, opening (local, `pipe:`, http, or any fsspec URL), tar
-parsing with `webdataset`, and decoding one sample into (image, 22 keypoints, label, meta)."""
+parsing with `webdataset`, and decoding one sample into (image, 22 keypoints, class id, meta)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def iter_raw(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
 class Decoded:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     points: np.ndarray  # (22, 2) pixel coordinates of `image`, -1 missing
-    label: int
+    class_id: int  # the sample record's `class_id`
     meta: dict[str, Any]
 
 
@@ -119,14 +119,14 @@ def decode_sample(raw: dict[str, Any]) -> Decoded:
         raise DecodeError(f"{key}: missing .jpg or .json member")
     try:
         meta = json.loads(raw["json"])
-        validate_sample(meta, where=key)
+        meta = validate_sample(meta, where=key)  # an older rename-only version comes back upgraded
     except (json.JSONDecodeError, SchemaError, UnicodeDecodeError) as exc:
         raise DecodeError(f"{key}: bad metadata ({exc})") from exc
     image = decode_image(raw["jpg"])
     if image is None:
         raise DecodeError(f"{key}: image does not decode")
     frame = max(image.shape[:2])
-    return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["label"]), meta)
+    return Decoded(image, keypoints22_from_meta(meta, frame), int(meta["class_id"]), meta)
 
 
 class SkipCounter:

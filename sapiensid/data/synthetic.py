@@ -192,7 +192,7 @@ def sample_record(key: str, label: int, split: str, img: np.ndarray, fields: dic
     jpg = buf.tobytes()
     meta = {
         "key": key,
-        "label": int(label),
+        "class_id": int(label),
         "identity": f"synthetic-{label:05d}",
         "name": f"Synthetic Person {label}",
         "split": split,
@@ -245,7 +245,7 @@ def write_shards(
         jpg, meta = sample_record(key, label, split, img, fields)
         assert writer is not None
         writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
-        rows.append({"key": key, "shard": Path(paths[-1]).name, "label": label, "split": split,
+        rows.append({"key": key, "shard": Path(paths[-1]).name, "class_id": label, "split": split,
                      "identity": meta["identity"]})
     if writer is not None:
         writer.close()

@@ -134,8 +134,9 @@ class PersonsConfig(_Strict):
 
 
 class FacesConfig(_Strict):
-    # Detector family: retinaface (biubug6 or insightface output layout) or scrfd (insightface layout only).
-    detector: Literal["retinaface", "scrfd"] = "retinaface"
+    # A registered detector (pipeline/faces/detectors.py: retinaface (biubug6 or insightface output layout),
+    # scrfd (insightface layout only), or one from `plugins`); an unknown name fails on the driver.
+    detector: str = "retinaface"
     # Paper: RetinaFace-R50 (put it in <cache>/weights/ or give a path); offline demo: "retinaface_mnet025.onnx"
     # or "scrfd_2.5g_kps.onnx" (both ship in registry packages). None = the family's default name.
     detector_model: str | None = "retinaface_r50.onnx"

@@ -28,7 +28,7 @@ def export_models(cfg: Any, backends: list[str] | None = None) -> list[dict]:
     faces = FacesStage(cfg.faces)
     det, emb, _ = faces.resolve_paths()
     for b in backends or [faces.backend_name()]:
-        if choose_backend(b) == "openvino":
+        if choose_backend(b) == "openvino" and det is not None and det.suffix == ".onnx":
             done.append({"stage": "faces", "backend": b, "model": str(det), "graph": str(openvino_ir(det))})
         if cfg.faces.embedder == "kprpe" and choose_backend(b) != "torch":
             import torch

@@ -119,3 +119,40 @@ def test_user_embedder_runs_faces_and_clean_reads_its_thresholds(tmp_path):
     finally:
         EMBEDDERS.pop("grey8", None)
         sys.modules.pop("tests.toy_embedder", None)
+
+
+def test_user_detector_runs_the_faces_stage(tmp_path):
+    """A toy detector registered from tests/toy_detector.py through `plugins` (with the toy embedder): the
+    faces stage builds it by name, and its boxes, landmarks and score are what the faces rows hold."""
+    from pipeline.faces.detectors import DETECTORS
+    from pipeline.shards import DatasetDir
+    from tests.faces_support import load_rgb, person_row, write_persons
+
+    rows = [person_row(p.split(".")[0], load_rgb(p, width=320), label="Ann") for p in ("obama.jpg", "biden.jpg")]
+    write_persons(tmp_path / "persons", [rows])
+    cfg = BuildConfig.model_validate({
+        "run": {"executor": "local"}, "plugins": ["tests.toy_detector", "tests.toy_embedder"],
+        "faces": {"detector": "centre", "detector_model": None, "embedder": "grey8", "batch_size": 4}})
+    assert "centre" not in DETECTORS  # registered by the config's plugins only
+    try:
+        stats = registry.run_stage("faces", cfg, {"persons": tmp_path / "persons"}, tmp_path / "faces")
+        assert stats["rows_out"] == 2 and stats["drops"] == {}
+        table = pq.read_table(DatasetDir(tmp_path / "faces").parquet("00000")).to_pylist()
+        assert {r["face_score"] for r in table} == {0.75}  # the toy's score, not a real detector's
+        for r in table:  # a square box (to the canvas scale's rounding), the template's landmarks inside it
+            x1, y1, x2, y2 = r["face_box"]
+            assert abs((x2 - x1) - (y2 - y1)) < 0.02 * (x2 - x1) and x1 < r["face_landmarks"][0] < x2
+        with pytest.raises(StageError, match="unknown face detector 'nope'"):
+            registry.run_stage("faces", cfg.model_copy(update={"faces": cfg.faces.model_copy(
+                update={"detector": "nope"})}), {"persons": tmp_path / "persons"}, tmp_path / "faces2")
+        with pytest.raises(StageError, match="already registered"):
+            from pipeline.faces.detectors import register_detector
+
+            register_detector("centre", default_weights=None)(lambda *a: None)
+    finally:
+        DETECTORS.pop("centre", None)
+        sys.modules.pop("tests.toy_detector", None)
+        from pipeline.faces.embedders import EMBEDDERS
+
+        EMBEDDERS.pop("grey8", None)
+        sys.modules.pop("tests.toy_embedder", None)

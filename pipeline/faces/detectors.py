@@ -18,14 +18,18 @@ and landmarks come back in the caller's pixel coordinates.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import cv2
 import numpy as np
 
 from pipeline.stage import StageError
+
+if TYPE_CHECKING:
+    from pipeline.config import FacesConfig
 
 Layout = Literal["auto", "biubug6", "insightface"]
 
@@ -33,10 +37,6 @@ _BIUBUG6_MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 _BIUBUG6_STEPS = (8, 16, 32)
 _BIUBUG6_VARIANCES = (0.1, 0.2)
 _BIUBUG6_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
-
-
-# Known weight names per detector family, resolved through pipeline.weights when faces.detector_model is None.
-DEFAULT_DETECTORS = {"retinaface": "retinaface_r50.onnx", "scrfd": "scrfd_10g_bnkps.onnx"}
 
 
 @dataclass(frozen=True)
@@ -281,3 +281,74 @@ class FaceDetector:
             if max_faces is not None:
                 keep = keep[:max_faces]
         return [Detection(boxes[i].astype(np.float32), lms[i].astype(np.float32), float(scores[i])) for i in keep]
+
+
+# -- the registry: `faces.detector: <name>` builds the registered factory ---------------------------------
+
+
+class Detector(Protocol):
+    """What the faces stage and the photo chain (pipeline/faces/photos.py) need of a face detector."""
+
+    input_size: int  # the square canvas side the stage letterboxes each pre-crop into
+
+    def detect_batch(self, images: list[np.ndarray], max_faces: int | None = 1, score_threshold: float = 0.0,
+                     native: bool = False) -> list[list[Detection]]: ...
+
+
+DetectorFactory = Callable[["FacesConfig", "Path | None", str], Detector]  # (faces config, weights, backend)
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    name: str
+    factory: DetectorFactory
+    default_weights: str | None  # resolved through pipeline.weights when faces.detector_model is None
+    module: str = field(default="", compare=False)
+
+
+DETECTORS: dict[str, DetectorEntry] = {}
+
+
+def register_detector(name: str, *, default_weights: str | None) -> Callable[[DetectorFactory], DetectorFactory]:
+    """Decorate a factory to make `faces.detector: <name>` build it (as `register_embedder` does for embedders)."""
+
+    def add(factory: DetectorFactory) -> DetectorFactory:
+        old = DETECTORS.get(name)
+        if old is not None and old.module != factory.__module__:
+            raise StageError(f"face detector '{name}' is already registered by {old.module}")
+        DETECTORS[name] = DetectorEntry(name, factory, default_weights, factory.__module__)
+        return factory
+
+    return add
+
+
+def detector_entry(name: str) -> DetectorEntry:
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise StageError(f"unknown face detector '{name}': choose one of {', '.join(sorted(DETECTORS))} "
+                         "(a detector of your own registers itself from a module in the config's `plugins`)"
+                         ) from None
+
+
+def _onnx_detector(cfg: FacesConfig, weights: Path | None, backend: str) -> FaceDetector:
+    from pipeline.faces.embedders import onnx_providers
+
+    if weights is None:
+        raise StageError(f"the {cfg.detector} detector needs an ONNX file in faces.detector_model")
+    return FaceDetector(weights, layout=cfg.detector_layout, input_size=cfg.detector_input,
+                        nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
+                        num_threads=cfg.num_threads, backend=backend)
+
+
+@register_detector("retinaface", default_weights="retinaface_r50.onnx")
+def _retinaface(cfg: FacesConfig, weights: Path | None, backend: str) -> Detector:
+    return _onnx_detector(cfg, weights, backend)  # either output layout (biubug6 or insightface)
+
+
+@register_detector("scrfd", default_weights="scrfd_10g_bnkps.onnx")
+def _scrfd(cfg: FacesConfig, weights: Path | None, backend: str) -> Detector:
+    det = _onnx_detector(cfg, weights, backend)
+    if det.layout != "insightface":
+        raise StageError(f"{weights} has the {det.layout} layout; SCRFD models use insightface's")
+    return det

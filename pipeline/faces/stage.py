@@ -30,8 +30,8 @@ from pipeline.faces.align import (
     upper_body_box,
     warp_region,
 )
-from pipeline.faces.detectors import DEFAULT_DETECTORS, FaceDetector
-from pipeline.faces.embedders import Embedder, FaceCrop, embedder_entry, onnx_providers
+from pipeline.faces.detectors import Detector, detector_entry
+from pipeline.faces.embedders import Embedder, FaceCrop, embedder_entry
 from pipeline.inference import choose_backend
 from pipeline.stage import BatchResult, ShardStage, StageError, config_hash
 from pipeline.weights import resolve_weights
@@ -67,7 +67,7 @@ class FacesStage(ShardStage):
 
     def __init__(self, config: FacesConfig | None = None):
         super().__init__(config or FacesConfig())
-        self.detector: FaceDetector | None = None
+        self.detector: Detector | None = None
         self.embedder: Embedder | None = None
 
     def config_hash(self) -> str:
@@ -89,11 +89,12 @@ class FacesStage(ShardStage):
         return "openvino" if self.backend_name() == "openvino" else "onnxruntime"
 
     # -- models ---------------------------------------------------------------------------------------
-    def resolve_paths(self) -> tuple[Path, Path | None, dict[str, Path]]:
+    def resolve_paths(self) -> tuple[Path | None, Path | None, dict[str, Path]]:
         """Local paths of the detector, the embedder and its extra weight files (by config field), or
-        StageError: an unknown embedder or a missing file fails here, on the driver, before any worker starts."""
+        StageError: an unknown detector or embedder, or a missing file, fails here, on the driver, before any worker starts."""
         cfg: FacesConfig = self.config
-        det = resolve_weights(cfg.detector_model or DEFAULT_DETECTORS[cfg.detector], f"{cfg.detector} detector")
+        det_name = cfg.detector_model or detector_entry(cfg.detector).default_weights
+        det = resolve_weights(det_name, f"{cfg.detector} detector") if det_name else None
         entry = embedder_entry(cfg.embedder)
         extras = {f: resolve_weights(getattr(cfg, f), f"{cfg.embedder} embedder's {f}") for f in entry.extra_weights}
         return det, self._embedder_weights(), extras
@@ -101,11 +102,7 @@ class FacesStage(ShardStage):
     def setup(self) -> None:
         cfg: FacesConfig = self.config
         det_path, emb_path, extras = self.resolve_paths()
-        self.detector = FaceDetector(det_path, layout=cfg.detector_layout, input_size=cfg.detector_input,
-                                     nms_iou=cfg.detector_nms, providers=onnx_providers(cfg.device),
-                                     num_threads=cfg.num_threads, backend=self.detector_backend())
-        if cfg.detector == "scrfd" and self.detector.layout != "insightface":
-            raise StageError(f"{det_path} has the {self.detector.layout} layout; SCRFD models use insightface's")
+        self.detector = detector_entry(cfg.detector).factory(cfg, det_path, self.detector_backend())
         self.embedder = embedder_entry(cfg.embedder).factory(cfg, emb_path, extras, self.backend_name())
 
     def _embedder_weights(self) -> Path | None:

@@ -13,12 +13,37 @@ import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config import BuildConfig
 from pipeline.stage import StageError
+
+E = TypeVar("E")
+
+
+class Registry(dict[str, E], Generic[E]):
+    """Named entries that users add to (face detectors, face embedders), filled by one decorator per kind the
+    way timm registers models. Each entry names the `module` that registered it: the same module importing
+    twice (a Ray worker, a reloaded plugin) is fine, another module taking the name is an error."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, name: str, entry: E) -> E:
+        old = self.get(name)
+        if old is not None and getattr(old, "module", None) != getattr(entry, "module", None):
+            raise StageError(f"{self.kind} '{name}' is already registered by {getattr(old, 'module', '?')}")
+        self[name] = entry
+        return entry
+
+    def entry(self, name: str) -> E:
+        if name not in self:
+            raise StageError(f"unknown {self.kind} '{name}': choose one of {', '.join(sorted(self))} (one of "
+                             "your own registers itself from a module in the config's `plugins`)")
+        return self[name]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import cv2
 import numpy as np
 
+from pipeline.registry import Registry
 from pipeline.stage import StageError
 
 if TYPE_CHECKING:
@@ -306,29 +307,21 @@ class DetectorEntry:
     module: str = field(default="", compare=False)
 
 
-DETECTORS: dict[str, DetectorEntry] = {}
+DETECTORS: Registry[DetectorEntry] = Registry("face detector")
 
 
 def register_detector(name: str, *, default_weights: str | None) -> Callable[[DetectorFactory], DetectorFactory]:
     """Decorate a factory to make `faces.detector: <name>` build it (as `register_embedder` does for embedders)."""
 
     def add(factory: DetectorFactory) -> DetectorFactory:
-        old = DETECTORS.get(name)
-        if old is not None and old.module != factory.__module__:
-            raise StageError(f"face detector '{name}' is already registered by {old.module}")
-        DETECTORS[name] = DetectorEntry(name, factory, default_weights, factory.__module__)
+        DETECTORS.add(name, DetectorEntry(name, factory, default_weights, factory.__module__))
         return factory
 
     return add
 
 
 def detector_entry(name: str) -> DetectorEntry:
-    try:
-        return DETECTORS[name]
-    except KeyError:
-        raise StageError(f"unknown face detector '{name}': choose one of {', '.join(sorted(DETECTORS))} "
-                         "(a detector of your own registers itself from a module in the config's `plugins`)"
-                         ) from None
+    return DETECTORS.entry(name)
 
 
 def _onnx_detector(cfg: FacesConfig, weights: Path | None, backend: str) -> FaceDetector:

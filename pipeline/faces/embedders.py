@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from pipeline.config import EmbedderThresholds
+from pipeline.registry import Registry
 from pipeline.stage import StageError
 from schemas.devices import DeviceError, resolve_device
 
@@ -251,7 +252,7 @@ class EmbedderEntry:
     module: str = field(default="", compare=False)
 
 
-EMBEDDERS: dict[str, EmbedderEntry] = {}
+EMBEDDERS: Registry[EmbedderEntry] = Registry("face embedder")
 
 
 def register_embedder(name: str, *, default_weights: str | None, thresholds: Mapping[str, float | int],
@@ -262,23 +263,15 @@ def register_embedder(name: str, *, default_weights: str | None, thresholds: Map
     EmbedderThresholds.model_validate(dict(thresholds))
 
     def add(factory: EmbedderFactory) -> EmbedderFactory:
-        old = EMBEDDERS.get(name)
-        if old is not None and old.module != factory.__module__:
-            raise StageError(f"face embedder '{name}' is already registered by {old.module}")
-        EMBEDDERS[name] = EmbedderEntry(name, factory, default_weights, dict(thresholds), tuple(extra_weights),
-                                        random_weights, factory.__module__)
+        EMBEDDERS.add(name, EmbedderEntry(name, factory, default_weights, dict(thresholds), tuple(extra_weights),
+                                          random_weights, factory.__module__))
         return factory
 
     return add
 
 
 def embedder_entry(name: str) -> EmbedderEntry:
-    try:
-        return EMBEDDERS[name]
-    except KeyError:
-        raise StageError(f"unknown face embedder '{name}': choose one of {', '.join(sorted(EMBEDDERS))} "
-                         "(an embedder of your own registers itself from a module in the config's `plugins`)"
-                         ) from None
+    return EMBEDDERS.entry(name)
 
 
 @register_embedder("kprpe", default_weights="cvlface_adaface_vit_base_kprpe_webface12m.pt",

@@ -32,6 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.render import fmt
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 MIN_PAIRS = 5  # a headline ratio needs at least this many pairs (lower it only for tests of this module)
@@ -248,8 +250,8 @@ class Recorder:
 def print_table(name: str, headlines: dict[str, dict], env: dict | None = None) -> None:
     rows = [("key", "value", "min", "max", "pairs", "target", "met")]
     for k, h in headlines.items():
-        rows.append((k, _fmt(h.get("value")), _fmt(h.get("min")), _fmt(h.get("max")),
-                     _fmt(h.get("pairs")), h.get("target") or "", _fmt(h.get("met"))))
+        value, lo, hi, pairs, met = (fmt(h.get(c), digits=4) for c in ("value", "min", "max", "pairs", "met"))
+        rows.append((k, value, lo, hi, pairs, h.get("target") or "", met))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     print(f"== {name}")
     for r in rows:
@@ -257,13 +259,3 @@ def print_table(name: str, headlines: dict[str, dict], env: dict | None = None) 
     if env:
         print(f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}, "
               f"{env.get('wall_seconds')} s")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)

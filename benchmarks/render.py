@@ -37,12 +37,17 @@ def load(name: str, results: Path = RESULTS) -> dict:
     return json.loads(path.read_text())
 
 
-def fmt(v: Any) -> str:
+def fmt(v: Any, digits: int | None = None) -> str:
+    """A result value as table text: "-" when missing, yes/no for flags, lists joined, markdown-safe. Floats
+    get the docs' rule (3 significant digits, 1 decimal from 10, grouped thousands from 1000), or `digits`
+    significant digits (the console table that `benchmarks/paired.py` prints)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
+        if digits is not None:
+            return f"{v:.{digits}g}"
         if v == 0:
             return "0"
         if abs(v) >= 1000:

@@ -182,18 +182,21 @@ def put_bytes(uri: Uri, data: bytes) -> None:
     """Write `data` atomically: readers see the old object, nothing, or all of `data`."""
     fs, path = resolve(uri)
     if fs is None:
-        _local_atomic_write(Path(path), data)
+        with _local_atomic(Path(path)) as fh:
+            fh.write(data)
     else:
         fs.pipe_file(path, bytes(data))
 
 
-def _local_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a temporary file in its folder: `write(fh)`, fsync, rename; removed on failure."""
+@contextmanager
+def _local_atomic(path: Path) -> Iterator[BinaryIO]:
+    """Write `path` through a temporary file in its folder: the block writes it, then fsync and rename onto
+    `path` when the block exits cleanly; the temporary is removed when it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -202,20 +205,13 @@ def _local_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def _local_atomic_write(path: Path, data: bytes) -> None:
-    _local_atomic(path, lambda fh: fh.write(data))
-
-
 def put_file(uri: Uri, local_file: Uri) -> None:
     """Publish a finished local file at `uri` (atomic like put_bytes; large files are not held in memory)."""
     fs, path = resolve(uri)
     src = Path(os.fspath(local_file))
     if fs is None:
-        def copy(fo: BinaryIO) -> None:
-            with open(src, "rb") as fi:
-                shutil.copyfileobj(fi, fo, 1 << 22)
-
-        _local_atomic(Path(path), copy)
+        with _local_atomic(Path(path)) as fo, open(src, "rb") as fi:
+            shutil.copyfileobj(fi, fo, 1 << 22)
     else:
         fs.put_file(str(src), path)  # s3fs: one PUT, or a multipart upload that appears only when complete
 
@@ -271,18 +267,8 @@ def open_write(uri: Uri) -> Iterator[IO[bytes]]:
     """
     fs, path = resolve(uri)
     if fs is None:
-        dst = Path(path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _local_atomic(Path(path)) as fh:
+            yield fh
     else:
         fh = fs.open(path, "wb")
         try:

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from sapiensid.keypoints import KeypointAugConfig
 
 NUM_KP19 = 19
+
+_S = TypeVar("_S", bound="SectionConfig")
+
+
+class SectionConfig:
+    """Base of a run's config dataclass that is read from one YAML section (``train:``, ``finetune:``) or from
+    the whole file: unknown keys are refused, ``--set`` overrides go over the file's values."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def _coerce(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Values that YAML cannot spell as the field's type (a tuple), converted; `data` is a copy."""
+        return data
+
+    @classmethod
+    def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
+        unknown = set(data) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.SECTION} config key(s): {sorted(unknown)}")
+        return cls(**cls._coerce(dict(data)))
+
+    @classmethod
+    def from_yaml(cls: type[_S], path: str | Path, overrides: dict[str, Any] | None = None) -> _S:
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        section = dict(raw.get(cls.SECTION, raw) if isinstance(raw, dict) else {})
+        section.update(overrides or {})
+        return cls.from_dict(section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)

@@ -49,20 +49,14 @@ def face_boxes(kp19: torch.Tensor, padding: float = BOX_PADDING, min_points: int
     side = 2 * max distance centre -> valid point, times (1 + padding); corners clamped to [0, 1].
     """
     pts = kp19[:, FACE5]
-    ok = valid_mask(pts)
-    inf = torch.tensor(float("inf"), dtype=pts.dtype, device=pts.device)
-    lo = torch.where(ok[..., None], pts, inf).amin(dim=1)
-    hi = torch.where(ok[..., None], pts, -inf).amax(dim=1)
+    ok, lo, hi = _valid_extent(pts)
     centre = (lo + hi) / 2
     nose = pts[:, 0]
     nose_ok = ok[:, 0]
     centre = torch.where(nose_ok[:, None], (centre + nose) / 2, centre)
     dist = torch.linalg.vector_norm(pts - centre[:, None], dim=-1)
     dist = torch.where(ok, dist, torch.full_like(dist, -1.0)).amax(dim=1)
-    half = (dist * 2)[:, None] * (1 + padding) / 2
-    box = torch.cat([(centre - half).clamp(min=0), (centre + half).clamp(max=1)], dim=1)
-    usable = ok.sum(dim=1) >= min_points
-    return torch.where(usable[:, None], box, torch.full_like(box, -1.0))
+    return _square_box(centre, dist * 2, padding, ok.sum(dim=1) >= min_points)
 
 
 def torso_boxes(kp19: torch.Tensor, padding: float = BOX_PADDING, min_points: int = 3) -> torch.Tensor:
@@ -71,15 +65,25 @@ def torso_boxes(kp19: torch.Tensor, padding: float = BOX_PADDING, min_points: in
     centre = midpoint of the valid extent; side = max(x extent, y extent) * (1 + padding); clamped.
     """
     pts = kp19[:, UPPER_TORSO]
+    ok, lo, hi = _valid_extent(pts)
+    usable = (ok.sum(dim=1) >= min_points) & ok[:, SHOULDERS].any(dim=1)
+    return _square_box((lo + hi) / 2, (hi - lo).amax(dim=1), padding, usable)
+
+
+def _valid_extent(pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, K, 2) points -> (valid (B, K), lowest (B, 2) and highest (B, 2) valid coordinates; +-inf if none)."""
     ok = valid_mask(pts)
     inf = torch.tensor(float("inf"), dtype=pts.dtype, device=pts.device)
     lo = torch.where(ok[..., None], pts, inf).amin(dim=1)
     hi = torch.where(ok[..., None], pts, -inf).amax(dim=1)
-    centre = (lo + hi) / 2
-    side = (hi - lo).amax(dim=1)
+    return ok, lo, hi
+
+
+def _square_box(centre: torch.Tensor, side: torch.Tensor, padding: float, usable: torch.Tensor) -> torch.Tensor:
+    """(B, 2) centres and (B,) sides -> (B, 4) xyxy squares grown by `padding`, clamped to [0, 1]; -1 rows
+    where not `usable`."""
     half = side[:, None] * (1 + padding) / 2
     box = torch.cat([(centre - half).clamp(min=0), (centre + half).clamp(max=1)], dim=1)
-    usable = (ok.sum(dim=1) >= min_points) & ok[:, SHOULDERS].any(dim=1)
     return torch.where(usable[:, None], box, torch.full_like(box, -1.0))
 
 

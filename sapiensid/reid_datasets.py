@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,20 +59,30 @@ def _images(folder: Path) -> list[Path]:
 _MARKET = re.compile(r"^(-?\d+)_c(\d+)")
 
 
+def _named_items(root: Path, folder: str, pattern: re.Pattern[str], what: str,
+                 ids: Callable[[re.Match[str]], tuple[int, int, int | None] | None]) -> list[EvalItem]:
+    """The images of `root/folder` whose file names `pattern` parses (else ValueError naming `what`), in name
+    order; `ids(match)` gives (pid, camid, clothes), or None for a file the protocol leaves out."""
+    items = []
+    for p in _images(root / folder):
+        m = pattern.match(p.name)
+        if not m:
+            raise ValueError(f"{p}: not {what}")
+        found = ids(m)
+        if found is not None:
+            items.append(EvalItem(*found, item_id=f"{folder}/{p.name}", path=str(p)))
+    return items
+
+
 def load_market1501(root: str | Path) -> list[ReIDSplit]:
     root = Path(root)
 
+    def ids(m: re.Match[str]) -> tuple[int, int, None] | None:
+        pid, cam = int(m.group(1)), int(m.group(2)) - 1
+        return None if pid == -1 else (pid, cam, None)  # junk detections are not part of the protocol
+
     def parse(folder: str) -> list[EvalItem]:
-        items = []
-        for p in _images(root / folder):
-            m = _MARKET.match(p.name)
-            if not m:
-                raise ValueError(f"{p}: not a Market-1501 file name (pid_cN...)")
-            pid, cam = int(m.group(1)), int(m.group(2)) - 1
-            if pid == -1:
-                continue  # junk detections are not part of the protocol
-            items.append(EvalItem(pid, cam, item_id=f"{folder}/{p.name}", path=str(p)))
-        return items
+        return _named_items(root, folder, _MARKET, "a Market-1501 file name (pid_cN...)", ids)
 
     return [ReIDSplit("market1501", parse("query"), parse("bounding_box_test"))]
 
@@ -83,16 +94,12 @@ def load_ltcc(root: str | Path) -> list[ReIDSplit]:
     root = Path(root)
     clothes_ids: dict[tuple[int, int], int] = {}
 
+    def ids(m: re.Match[str]) -> tuple[int, int, int]:
+        pid, clo, cam = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        return pid, cam, clothes_ids.setdefault((pid, clo), len(clothes_ids))
+
     def parse(folder: str) -> list[EvalItem]:
-        items = []
-        for p in _images(root / folder):
-            m = _LTCC.match(p.name)
-            if not m:
-                raise ValueError(f"{p}: not an LTCC file name (pid_clothes_cN_...)")
-            pid, clo, cam = int(m.group(1)), int(m.group(2)), int(m.group(3))
-            cid = clothes_ids.setdefault((pid, clo), len(clothes_ids))
-            items.append(EvalItem(pid, cam, cid, item_id=f"{folder}/{p.name}", path=str(p)))
-        return items
+        return _named_items(root, folder, _LTCC, "an LTCC file name (pid_clothes_cN_...)", ids)
 
     q, g = parse("query"), parse("test")
     return [ReIDSplit("ltcc", q, g, ("general", "same_clothes", "clothes_changing"))]

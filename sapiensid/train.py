@@ -20,15 +20,15 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sapiensid.config import SapiensIDConfig
+from sapiensid.config import SapiensIDConfig, SectionConfig
 from sapiensid.data import AugmentConfig, BatchPlan, StreamLoader, StreamSpec, expand_urls, to_model_inputs
 from sapiensid.loss import PartialFCAdaFace
 from sapiensid.masking import default_keep_count
@@ -41,8 +41,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SectionConfig):
     """Everything a run needs; read from YAML (a top-level ``train:`` section or the whole file)."""
+
+    SECTION: ClassVar[str] = "train"
 
     train_shards: str | list[str] = ""  # directory of bundle shards, brace pattern, glob, URL(s)
     output_dir: str = "runs/sapiensid"
@@ -83,28 +85,10 @@ class TrainConfig:
     stop_after: int | None = None  # stop early at this step (the schedule still runs to max_steps)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown train config key(s): {sorted(unknown)}")
-        data = dict(data)
+    def _coerce(cls, data: dict[str, Any]) -> dict[str, Any]:
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        import yaml
-
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        section = raw.get("train", raw) if isinstance(raw, dict) else {}
-        section = dict(section)
-        section.update(overrides or {})
-        return cls.from_dict(section)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return data
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Parameter names follow the official checkpoints (``norm1``, ``attn.qkv``, ``attn
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,29 +51,27 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def build_attention_bias(
-    batch: int,
-    n_tokens: int,
-    num_heads: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    offset_bias: torch.Tensor | None = None,
-    log_count: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Sum all additive logit terms into one ``(B, H, N, N)`` (or broadcastable) tensor, or None."""
-    bias: torch.Tensor | None = None
-    if offset_bias is not None:
-        bias = offset_bias.to(dtype)
-    if log_count is not None:
-        lc = log_count.to(dtype)[:, None, None, :]
-        bias = lc if bias is None else bias + lc
-    if key_mask is not None:
-        # A large negative (not -inf) keeps rows finite even if a query could see no key at all.
-        neg = torch.zeros(key_mask.shape, dtype=dtype, device=device)
-        neg = neg.masked_fill(~key_mask, torch.finfo(dtype).min / 4)[:, None, None, :]
-        bias = neg if bias is None else bias + neg
-    return bias
+class AttentionBias(NamedTuple):
+    """The additive attention-logit terms a block may get, each optional (the module docstring has them)."""
+
+    offset_bias: torch.Tensor | None = None  # (B, H, N, N)
+    log_count: torch.Tensor | None = None  # (B, N)
+    key_mask: torch.Tensor | None = None  # (B, N) bool, True = key may be attended
+
+    def total(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """All terms summed into one ``(B, H, N, N)`` (or broadcastable) tensor in `dtype`, or None."""
+        bias: torch.Tensor | None = None
+        if self.offset_bias is not None:
+            bias = self.offset_bias.to(dtype)
+        if self.log_count is not None:
+            lc = self.log_count.to(dtype)[:, None, None, :]
+            bias = lc if bias is None else bias + lc
+        if self.key_mask is not None:
+            # A large negative (not -inf) keeps rows finite even if a query could see no key at all.
+            neg = torch.zeros(self.key_mask.shape, dtype=dtype, device=device)
+            neg = neg.masked_fill(~self.key_mask, torch.finfo(dtype).min / 4)[:, None, None, :]
+            bias = neg if bias is None else bias + neg
+        return bias
 
 
 class Attention(nn.Module):
@@ -88,20 +87,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        offset_bias: torch.Tensor | None = None,
-        log_count: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, terms: AttentionBias = AttentionBias()) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         # softmax(q k^T * scale + bias) v, written out (as the reference does): on CPU this is faster than
         # SDPA's math path with a float mask, and exact in float64 for the attention-scaling test
         logits = (q * self.scale) @ k.transpose(-2, -1)
-        bias = build_attention_bias(b, n, self.num_heads, q.dtype, x.device, offset_bias, log_count, key_mask)
+        bias = terms.total(q.dtype, x.device)  # in q's dtype: under autocast that is the logits' dtype
         if bias is not None:
             logits = logits + bias
         out = logits.softmax(dim=-1) @ v
@@ -127,7 +120,8 @@ class Block(nn.Module):
         log_count: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), offset_bias, log_count, key_mask))
+        terms = AttentionBias(offset_bias, log_count, key_mask)
+        x = x + self.drop_path(self.attn(self.norm1(x), terms))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +38,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # -- toy stages ------------------------------------------------------------------------------------------
 
-TOY_IN = TableSchema(
-    "toy_in", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("x", pa.int64())])
-)
-TOY_OUT = TableSchema(
-    "toy_out", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("x", pa.int64())])
-)
+
+def toy_schema(name: str, column: str = "x", type_: pa.DataType | None = None) -> TableSchema:
+    """A toy stage table (version 1): a non-null `sample_id` and one value `column` (int64 unless `type_`)."""
+    value = pa.field(column, type_ if type_ is not None else pa.int64())
+    return TableSchema(name, 1, pa.schema([pa.field("sample_id", pa.string(), False), value]))
+
+
+TOY_IN = toy_schema("toy_in")
+TOY_OUT = toy_schema("toy_out")
 
 
 class SlowSquare(ShardStage):
@@ -240,38 +244,40 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@contextmanager
+def _launched(cmd: Sequence[str], env: dict[str, str] | None, cwd: Path | None,
+              log_path: Path | None) -> Iterator[subprocess.Popen]:
+    """`cmd` started in its own session (so `kill_group` reaches all it starts), its output appended to
+    `log_path` (or dropped); the log is closed when the block ends."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        yield subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    finally:
+        if log_path:
+            log.close()
+
+
 def run_killed_at(cmd: Sequence[str], delay_s: float, env: dict[str, str] | None = None,
                   cwd: Path | None = None, log_path: Path | None = None) -> KillRecord:
     """Start `cmd` in its own session, SIGKILL its whole group after `delay_s` (if still running)."""
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    with _launched(cmd, env, cwd, log_path) as proc:
         try:
             rc = proc.wait(timeout=delay_s)
             return KillRecord(delay_s, False, rc)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             return KillRecord(delay_s, True, proc.returncode)
-    finally:
-        if log_path:
-            log.close()
 
 
 def run_to_end(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
                timeout_s: float = 600, log_path: Path | None = None) -> int:
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    with _launched(cmd, env, cwd, log_path) as proc:
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             raise
-    finally:
-        if log_path:
-            log.close()
 
 
 # -- kills chosen by progress ----------------------------------------------------------------------------------
@@ -292,35 +298,43 @@ def stage_in_progress(out: Path, stages: Sequence[str] = STAGES) -> str:
     return next((s for s in stages if not (out / s / "stats.json").exists()), "finish")
 
 
+def _watch(cmd: Sequence[str], env: dict[str, str] | None, cwd: Path | None, log_path: Path | None,
+           timeout_s: float) -> Iterator[tuple[subprocess.Popen, float]]:
+    """Start `cmd` (as `_launched`) and yield `(proc, seconds since the start)` every POLL_S, each after a
+    `proc.poll()`; the last one is the poll that saw it exit (`proc.returncode` set). Past `timeout_s` it
+    kills the group and raises TimeoutError. Callers wrap it in `closing`, so one that stops early (a kill)
+    closes the log at once."""
+    t0 = time.monotonic()
+    with _launched(cmd, env, cwd, log_path) as proc:
+        while True:
+            rc = proc.poll()
+            now = time.monotonic() - t0
+            yield proc, now
+            if rc is not None:
+                return
+            if now > timeout_s:
+                kill_group(proc)
+                raise TimeoutError(f"{list(cmd)} ran over {timeout_s} s")
+            time.sleep(POLL_S)
+
+
 def stage_timeline(cmd: Sequence[str], out: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
                    log_path: Path | None = None, timeout_s: float = 900,
                    stages: Sequence[str] = STAGES) -> tuple[int, dict[str, dict[str, float]]]:
     """Run `cmd` to the end, watching `out`: when each stage's folder first gets an entry (its claim file, a
     temporary, a marker) and when its `stats.json` appears, in seconds from the start."""
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     seen: dict[str, dict[str, float]] = {s: {} for s in stages}
-    try:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        while True:
-            rc = proc.poll()
-            now = time.monotonic() - t0
+    with closing(_watch(cmd, env, cwd, log_path, timeout_s)) as polls:
+        for proc, now in polls:
             for s in stages:
                 d = out / s
                 if "first_s" not in seen[s] and d.exists() and _entries(d):
                     seen[s]["first_s"] = round(now, 3)
                 if "done_s" not in seen[s] and (d / "stats.json").exists():
                     seen[s]["done_s"] = round(now, 3)
-            if rc is not None:
-                return rc, seen
-            if now > timeout_s:
-                kill_group(proc)
-                raise TimeoutError(f"{list(cmd)} ran over {timeout_s} s")
-            time.sleep(POLL_S)
-    finally:
-        if log_path:
-            log.close()
+            if proc.returncode is not None:
+                break
+    return proc.returncode, seen
 
 
 def run_killed_in_stage(cmd: Sequence[str], out: Path, stage: str, offset_s: float,
@@ -333,18 +347,11 @@ def run_killed_in_stage(cmd: Sequence[str], out: Path, stage: str, offset_s: flo
     writing, None if it never did in this run), `landed_in` (the stage in progress at the kill)."""
     d = out / stage
     before = _entries(d) if d.exists() else set()
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        trigger: float | None = None
-        while True:
-            rc = proc.poll()
-            now = time.monotonic() - t0
-            if rc is not None:
-                return {"stage": stage, "offset_s": round(offset_s, 3), "killed": False, "rc": rc,
-                        "trigger_s": trigger, "landed_in": None}
+    trigger: float | None = None
+    with closing(_watch(cmd, env, cwd, log_path, timeout_s)) as polls:
+        for proc, now in polls:
+            if proc.returncode is not None:
+                break
             if trigger is None and d.exists() and (_entries(d) - before):
                 trigger = round(now, 3)
             if trigger is not None and now >= trigger + offset_s:
@@ -353,13 +360,8 @@ def run_killed_in_stage(cmd: Sequence[str], out: Path, stage: str, offset_s: flo
                 landed = stage_in_progress(out)
                 return {"stage": stage, "offset_s": round(offset_s, 3), "killed": True, "rc": proc.returncode,
                         "trigger_s": trigger, "kill_s": round(now, 3), "landed_in": landed}
-            if now > timeout_s:
-                kill_group(proc)
-                raise TimeoutError(f"{list(cmd)} ran over {timeout_s} s")
-            time.sleep(POLL_S)
-    finally:
-        if log_path:
-            log.close()
+    return {"stage": stage, "offset_s": round(offset_s, 3), "killed": False, "rc": proc.returncode,
+            "trigger_s": trigger, "landed_in": None}
 
 
 def stage_windows(timeline: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -13,10 +13,10 @@ import pyarrow as pa
 from pipeline.executors import LocalExecutor, RayExecutor
 from pipeline.shards import DatasetDir, format_shard_id
 from pipeline.stage import BatchResult, ShardStage
-from schemas.base import TableSchema
+from tests.faults import toy_schema
 
-IN = TableSchema("kill_in", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("x", pa.int64())]))
-OUT = TableSchema("kill_out", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("y", pa.string())]))
+IN = toy_schema("kill_in")
+OUT = toy_schema("kill_out", "y", pa.string())
 
 
 class SlowHash(ShardStage):

@@ -5,15 +5,13 @@ people keeps exactly the Obama images, and a validation set built from one Obama
 from __future__ import annotations
 
 import pytest
-import yaml
 
-from flows.build import build_plain
 from pipeline import registry
 from pipeline.assets import asset_path
 from pipeline.config import BuildConfig
 from pipeline.shards import DatasetDir
 from pipeline.valsets import build_valset_centers
-from tests.servers import Route, serve
+from tests.realchain_support import build_real_chain
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
@@ -22,23 +20,8 @@ OTHERS = ("biden.jpg", "zidane.jpg", "astronaut.png", "grace_hopper.jpg")
 
 
 def test_obama_name_keeps_obama_and_a_valset_removes_him(tmp_path):
-    routes = {f"/{p}": Route(200, {"Content-Type": "image/png" if p.endswith("png") else "image/jpeg"},
-                             asset_path(p).read_bytes()) for p in OBAMA + OTHERS}
-    faces_cfg = {"detector_model": str(asset_path("retinaface_mnet025.onnx")), "embedder": "dlib",
-                 "embedder_model": str(asset_path("dlib_face_recognition_resnet_model_v1.dat")),
-                 "dlib_shape_predictor": str(asset_path("shape_predictor_5_face_landmarks.dat"))}
-    with serve(routes) as base:
-        lines = [f"{i} Barack_Obama {base}/{p}" for i, p in enumerate(OBAMA + OTHERS)]
-        (tmp_path / "url.lst").write_text("\n".join(lines) + "\n")
-        raw = {
-            "run": {"executor": "local"},
-            "query": {"inputs": [{"path": str(tmp_path / "url.lst"), "format": "url_lst"}], "shard_size": 4},
-            "download": {"allow_private_hosts": ["127.0.0.1"], "timeout": 5, "retries": 0, "processes_count": 1},
-            "persons": {"model": str(asset_path("yolo11n-pose.pt")), "batch_size": 8},
-            "faces": faces_cfg,
-        }
-        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-        build_plain(config_path=str(tmp_path / "cfg.yaml"), output=str(tmp_path / "build"), until="clean")
+    photos = [(p, "Barack_Obama", asset_path(p).read_bytes()) for p in OBAMA + OTHERS]
+    raw = build_real_chain(tmp_path, photos, shard_size=4, until="clean")
 
     build = tmp_path / "build"
     sel = [r for _, t in DatasetDir(build / "clean").iter_tables() for r in t.to_pylist()]

@@ -15,15 +15,13 @@ from __future__ import annotations
 import io
 
 import pytest
-import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
-from flows.build import build_plain
 from pipeline import registry
 from pipeline.assets import asset_path
 from pipeline.config import BuildConfig
 from pipeline.shards import DatasetDir
-from tests.servers import Route, serve
+from tests.realchain_support import build_real_chain
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
@@ -77,23 +75,8 @@ def _images() -> dict[str, tuple[str, bytes]]:
 
 
 def test_real_photos_copies_count_once_and_two_people_names_yield_nothing(tmp_path):
-    images = _images()
-    routes = {f"/{n}": Route(200, {"Content-Type": "image/jpeg"}, data) for n, (_, data) in images.items()}
-    faces_cfg = {"detector_model": str(asset_path("retinaface_mnet025.onnx")), "embedder": "dlib",
-                 "embedder_model": str(asset_path("dlib_face_recognition_resnet_model_v1.dat")),
-                 "dlib_shape_predictor": str(asset_path("shape_predictor_5_face_landmarks.dat"))}
-    with serve(routes) as base:
-        lines = [f"{i} {label} {base}/{n}" for i, (n, (label, _)) in enumerate(images.items())]
-        (tmp_path / "url.lst").write_text("\n".join(lines) + "\n")
-        raw = {
-            "run": {"executor": "local"},
-            "query": {"inputs": [{"path": str(tmp_path / "url.lst"), "format": "url_lst"}], "shard_size": 6},
-            "download": {"allow_private_hosts": ["127.0.0.1"], "timeout": 5, "retries": 0, "processes_count": 1},
-            "persons": {"model": str(asset_path("yolo11n-pose.pt")), "batch_size": 8},
-            "faces": faces_cfg,
-        }
-        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-        build_plain(config_path=str(tmp_path / "cfg.yaml"), output=str(tmp_path / "build"), until="faces")
+    photos = [(n, label, data) for n, (label, data) in _images().items()]  # every name is a .jpg
+    raw = build_real_chain(tmp_path, photos, shard_size=6, until="faces")
 
     build = tmp_path / "build"
     cfg = BuildConfig.model_validate(raw)

@@ -11,10 +11,11 @@ import pytest
 from pipeline.executors import LocalExecutor, RayExecutor
 from pipeline.shards import DatasetDir, format_shard_id
 from pipeline.stage import BatchResult, ShardStage, StageError
-from schemas.base import SchemaError, TableSchema
+from schemas.base import SchemaError
+from tests.faults import toy_schema
 
-IN = TableSchema("test_in", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("x", pa.int64())]))
-OUT = TableSchema("test_out", 1, pa.schema([pa.field("sample_id", pa.string(), False), pa.field("y", pa.int64())]))
+IN = toy_schema("test_in")
+OUT = toy_schema("test_out", "y")
 
 
 class Square(ShardStage):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from sapiensid.config import SectionConfig
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(SectionConfig):
+    SECTION: ClassVar[str] = "finetune"
+
     # base model: a WebBody training checkpoint (run dir / step dir / model.pt) or a released state dict
     base_checkpoint: str | None = None
     base_model: str | None = None  # preset (base/small/tiny): needed for released weights or a random init
@@ -64,23 +67,3 @@ class FinetuneConfig:
     features: list[str] = field(default_factory=lambda: ["global", "global_parts"])
     eval_batch_size: int = 64
     evaluate_base: bool = True  # also evaluate the model before fine-tuning
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown finetune config key(s): {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-        import yaml
-
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        section = dict(raw.get("finetune", raw) if isinstance(raw, dict) else {})
-        section.update(overrides or {})
-        return cls.from_dict(section)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

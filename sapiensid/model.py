@@ -68,16 +68,11 @@ class SapiensID(nn.Module):
     def keep_tokens(self) -> int | None:
         return self.net.n_keep
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        foreground_masks: torch.Tensor | None,
-        ldmks: torch.Tensor,
-        dataset_index: torch.Tensor | None = None,
-        n_keep: int | None = None,
-    ) -> torch.Tensor:
-        """Raw (not normalised) embeddings (B, output_dim)."""
-        return self.net(images, foreground_masks, ldmks, dataset_index, n_keep)  # type: ignore[return-value]
+    def forward(self, *inputs: torch.Tensor | None, n_keep: int | None = None) -> torch.Tensor:
+        """Raw (not normalised) embeddings (B, output_dim) of `MaskedRecognitionModel.forward`'s positional
+        inputs (images, foreground_masks, ldmks[, dataset_index]): this wrapper only keeps the released
+        checkpoints' `net.*` key layout, so it declares them once, there."""
+        return self.net(*inputs, n_keep=n_keep)  # type: ignore[return-value]
 
 
 def load_sapiensid_weights(model: SapiensID, path: str | Path) -> SapiensID:

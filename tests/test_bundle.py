@@ -41,12 +41,12 @@ def test_layout_counts_and_verify(built):
     root, _, stats = built
     out = root / "bundle"
     tars = sorted(p.name for p in out.glob("*.tar"))
-    assert tars == sorted(stats["shards"])
+    assert tars == sorted(stats["tars"]) and stats["shards"] == stats["shards_done"] == 1  # one window
     assert all(re.fullmatch(r"webbody-(train|test)-\d{6}\.tar", t) for t in tars)
     # 8 identities x 6 kept images; the 3 clean-dropped rows never reach the bundle
     assert stats["rows_in"] == stats["rows_out"] == 48
     assert stats["splits"]["test"]["identities"] == 2 and stats["splits"]["train"]["identities"] == 6
-    assert max(s["samples"] for s in stats["shards"].values()) <= 10
+    assert max(s["samples"] for s in stats["tars"].values()) <= 10
     assert verify_bundle(out) == []
 
 
@@ -110,16 +110,25 @@ def test_deterministic_bytes_and_resume(built, tmp_path):
     run(small_config(), inputs, other)
     for name in ["index.parquet", "centers.parquet", *sorted(p.name for p in (root / "bundle").glob("*.tar"))]:
         assert (other / name).read_bytes() == (root / "bundle" / name).read_bytes(), name
-    # a shard killed before its marker is redone, the others are kept as they are
-    victim = sorted(other.glob("webbody-train-*.tar"))[1]
-    (other / "_parts" / f"{victim.name}.json").unlink()
-    keep = sorted(other.glob("webbody-test-*.tar"))[0]
+    # One pack task per input shard: a window killed before its marker is redone (all its shards), the other
+    # windows are kept as they are.
+    cfg = small_config(pack_window=1)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run(cfg, inputs, ref)
+    run(cfg, inputs, out)
+    windows = {sid: json.loads((out / f"part-{sid}.stats.json").read_text())["tars"] for sid in ("00000", "00001")}
+    victim = out / sorted(windows["00001"])[0]
+    keep = out / sorted(windows["00000"])[0]
     before = keep.stat().st_mtime_ns
+    (out / "part-00001.done").unlink()
     victim.write_bytes(b"half a shard")
-    run(small_config(), inputs, other)
-    assert victim.read_bytes() == (root / "bundle" / victim.name).read_bytes()
+    (out / "index.parquet").unlink()
+    run(cfg, inputs, out)
+    assert victim.read_bytes() == (ref / victim.name).read_bytes()
     assert keep.stat().st_mtime_ns == before
-    assert verify_bundle(other) == []
+    for name in ["index.parquet", "centers.parquet", *sorted(p.name for p in ref.glob("*.tar"))]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert verify_bundle(out) == []
 
 
 def test_bundle_shards_mix_input_shards(built):
@@ -161,7 +170,7 @@ def test_row_groups_and_ray_tasks_give_the_same_bytes(built, tmp_path, ray_local
         _rewrite_with_row_groups(inputs[k], grouped[k], rows_per_group=4)
     ray_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "ray"})})
     stats = run(ray_cfg, grouped, tmp_path / "ray")
-    assert len(stats["shards"]) >= 3
+    assert len(stats["tars"]) >= 3 and stats["shards"] == 3 and stats["run"]["units"] == 3
     for p in sorted((tmp_path / "local").rglob("*")):
         if p.is_file() and p.suffix in (".tar", ".parquet"):
             assert (tmp_path / "ray" / p.relative_to(tmp_path / "local")).read_bytes() == p.read_bytes(), p.name
@@ -171,9 +180,12 @@ def test_row_groups_and_ray_tasks_give_the_same_bytes(built, tmp_path, ray_local
 def test_other_config_is_refused(built, tmp_path):
     _, inputs, _ = built
     run(small_config(), inputs, tmp_path / "b")
-    with pytest.raises(StageError, match="another selection or config"):
+    with pytest.raises(StageError, match="overwrite"):
         run(small_config(jpeg_quality=80), inputs, tmp_path / "b")
-    run(small_config(jpeg_quality=80), inputs, tmp_path / "b", overwrite=True)
+    before = {p.name for p in (tmp_path / "b").glob("*.tar")}
+    # fewer, bigger shards: the earlier run's shards are discarded with it (no stray tar is left behind)
+    run(small_config(jpeg_quality=80, samples_per_shard=20), inputs, tmp_path / "b", overwrite=True)
+    assert len({p.name for p in (tmp_path / "b").glob("*.tar")}) < len(before)
     assert verify_bundle(tmp_path / "b") == []
 
 

@@ -200,7 +200,7 @@ def render_report(bundle: str | Path | Store, build_root: str | Path | Store | N
     kp, kpn = keypoint_charts(index)
     cards = "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in [
         ("samples", stats.get("rows_out")), ("identities", stats.get("identities")),
-        ("shards", len(stats.get("shards", {}))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
+        ("shards", len(stats.get("tars", {}))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
         ("removed (opt-out)", (stats.get("removals") or {}).get("samples", 0))])
     meta = (f"pipeline {_e(stats.get('pipeline_version'))} &middot; config {_e(stats.get('config_hash'))} &middot; "
             f"image {_e(stats.get('image_size'))} px")

@@ -79,7 +79,7 @@ def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]
     if stats is None or index is None:
         return problems
     size = int(stats.get("image_size", 384))
-    listed: dict[str, dict] = stats.get("shards", {})
+    listed: dict[str, dict] = stats.get("tars", {})
     on_disk = {p.name for p in root.glob("webbody-*.tar")}
     for name in sorted(on_disk - set(listed)):
         problems.append(Problem(name, "shard on disk but not in stats.json (stray or renamed file)"))
@@ -220,5 +220,5 @@ def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> i
         return 1
     if not quiet:
         stats = json.loads((Path(root) / "stats.json").read_text())
-        print(f"ok: {len(stats['shards'])} shards, {stats['rows_out']} samples verified in {root}")
+        print(f"ok: {len(stats['tars'])} shards, {stats['rows_out']} samples verified in {root}")
     return 0

@@ -1,11 +1,11 @@
-"""Pass 2 of the bundle: render and pack each window's shards, then write `index.parquet` and `stats.json`.
+"""Pass 2 of the bundle: render one window's samples and write its shards into a local folder.
 
-One pack task per window of input shards (`plan.py`). The task reads its inputs through `ShardSet`
-(any storage URI) one parquet row group at a time, only the needed columns, rendering the samples it plans
-as it goes into a local spill file; then it writes each of its shards in planned order (tar, then the index
-part, then the stats marker last: `layout.py`). Memory: one persons row group + the window's face rows +
-a few bytes per sample; Ray is told `bundle.pack_memory_mb`. A killed run resumes: a shard whose tar and
-parts agree is kept, the others are written again (the window's inputs are read again for them).
+One pack task per window of input shards (`plan.py`). The task reads its inputs through `ShardSet` (any
+storage URI) one parquet row group at a time, only the needed columns, rendering the samples it plans as it
+goes into a local spill file; then it writes each of its shards in planned order into the task's local folder
+and returns them with their index rows and stats. The executor commits them (pipeline/bundle/stage.py).
+Memory: one persons row group + the window's face rows + a few bytes per sample; Ray is told
+`bundle.pack_memory_mb`.
 """
 
 from __future__ import annotations
@@ -14,34 +14,18 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.bundle.layout import (
-    Ledger,
-    claim,
-    clean_temporaries,
-    discard_outputs,
-    key_hash,
-    part_index,
-    part_stats,
-    read_shard_stats,
-    removed_hashes,
-    sibling_funnel,
-    summarize,
-    write_centers,
-)
-from pipeline.bundle.plan import Planned, ShardSet, build_plan
+from pipeline.bundle.plan import Planned, ShardSet
 from pipeline.bundle.render import RenderError, face_npy, render_sample, visible_mask
-from pipeline.bundle.store import Store, as_store
 from pipeline.bundle.tarpack import ShardWriter
 from pipeline.config import BuildConfig, BundleConfig
-from pipeline.progress import progress
-from pipeline.stage import StageError, config_hash
+from pipeline.stage import config_hash
 from schemas.bundle import BUNDLE_INDEX
 
 log = logging.getLogger(__name__)
@@ -102,19 +86,15 @@ def pa_array(values: set[str]):
     return pa.array(sorted(values), pa.string())
 
 
-def pack_window(out_dir: str, shards: dict[str, list[Planned]], persons_dir: str, faces_dir: str,
-                bcfg: BundleConfig, version: str, cfg_hash: str,
-                vouched: dict[str, dict[str, int]] | None = None) -> list[dict]:
-    """Render one window's samples and write its shards `shards` (name -> planned samples, in order).
-
-    Pure function of its arguments (runs as a Ray task); returns each shard's stats. `vouched`: the input
-    shards' sizes whose markers planning checked (`BundlePlan.vouched_for`); without it the task lists the
-    inputs and reads their markers itself.
-    """
-    t0 = time.perf_counter()
-    out = as_store(out_dir)
+def pack_window(folder: Path, shards: dict[str, list[Planned]], persons: str, faces: str, bcfg: BundleConfig,
+                version: str, cfg_hash: str, vouched: dict[str, dict[str, int]] | None = None,
+                ) -> tuple[pa.Table, dict[str, Path], dict[str, dict]]:
+    """Render one window's samples and write its shards `shards` (name -> planned samples, in order) into the
+    local `folder`. Pure function of its arguments; returns the window's index rows, the shard files and each
+    shard's stats. `vouched`: the input shards' sizes whose markers planning checked (no listing, no marker
+    read here)."""
     vouched = vouched or {}
-    pset, fset = ShardSet(persons_dir, vouched.get("persons")), ShardSet(faces_dir, vouched.get("faces"))
+    pset, fset = ShardSet(persons, vouched.get("persons")), ShardSet(faces, vouched.get("faces"))
     by_input: dict[str, dict[str, Planned]] = {}
     for planned in shards.values():
         for p in planned:
@@ -123,13 +103,13 @@ def pack_window(out_dir: str, shards: dict[str, list[Planned]], persons_dir: str
     outside: Counter = Counter()
     # person_id -> (spill offset, [(ext, size, sha256)], meta): rendered bytes wait on local disk, not in memory
     rendered: dict[str, tuple[int, list[tuple[str, int, str]], dict]] = {}
-    with tempfile.TemporaryFile(prefix="webbody-pack-") as spill:
+    with tempfile.TemporaryFile(prefix="webbody-pack-", dir=folder) as spill:
         for sid in sorted(by_input):
             group = by_input[sid]
-            faces = {r["person_id"]: r for r in iter_wanted_rows(fset, sid, FACE_COLS, set(group))}
+            faces_of = {r["person_id"]: r for r in iter_wanted_rows(fset, sid, FACE_COLS, set(group))}
             for person in iter_wanted_rows(pset, sid, PERSON_COLS, set(group)):
                 p = group[person["person_id"]]
-                face = faces.get(p.person_id)
+                face = faces_of.get(p.person_id)
                 try:
                     jpg, meta, n_out = render_sample(person, face, p.__dict__, bcfg.image_size, bcfg.jpeg_quality,
                                                      version, cfg_hash)
@@ -146,22 +126,25 @@ def pack_window(out_dir: str, shards: dict[str, list[Planned]], persons_dir: str
                 # Hash each member here, with the rendering, so the shard writer below only writes bytes.
                 spill.write(b"".join(d for _, d in members))
                 rendered[p.person_id] = (at, [(e, len(d), hashlib.sha256(d).hexdigest()) for e, d in members], meta)
-        results = []
+        tables, files, stats = [], {}, {}
         for shard, planned in shards.items():
             # planned but neither rendered nor dropped with a reason: the persons row is gone
             missing = sum(1 for p in planned if p.person_id not in rendered) - sum(drops[shard].values())
             if missing:
                 drops[shard]["missing_person"] += missing
-            results.append(_write_shard(out, shard, planned, rendered, spill, drops[shard], outside[shard], t0))
-    return results
+            files[shard] = folder / shard
+            table, stats[shard] = _write_shard(files[shard], shard, planned, rendered, spill, drops[shard],
+                                               outside[shard])
+            tables.append(table)
+    index = pa.concat_tables(tables) if tables else BUNDLE_INDEX.empty()
+    return index, files, stats
 
 
-def _write_shard(out: Store, shard: str, planned: list[Planned], rendered: dict, spill: Any, drops: Counter,
-                 outside: int, t0: float) -> dict:
+def _write_shard(path: Path, shard: str, planned: list[Planned], rendered: dict, spill: Any, drops: Counter,
+                 outside: int) -> tuple[pa.Table, dict]:
     samples = [p for p in planned if p.person_id in rendered]
     digest = hashlib.sha256()
-
-    def fill(fh) -> tuple[list[dict], int]:
+    with open(path, "wb", buffering=1 << 20) as fh:
         writer = ShardWriter(_Hashing(fh, digest))
         rows = []
         for pos, p in enumerate(samples):
@@ -183,16 +166,11 @@ def _write_shard(out: Store, shard: str, planned: list[Planned], rendered: dict,
                 "kp_visible": visible_mask(meta["keypoints"]), "has_face": meta["face_box"] is not None,
             })
         writer.close()
-        return rows, writer.offset
-
-    rows, size = out.write_with(shard, fill)
     table = BUNDLE_INDEX.from_rows(rows) if rows else BUNDLE_INDEX.empty()
-    stats = {"shard": shard, "split": planned[0].split if planned else "", "planned": len(planned),
-             "samples": len(rows), "drops": dict(sorted(drops.items())), "keypoints_outside_frame": outside,
-             "bytes": size, "sha256": digest.hexdigest(), "seconds": round(time.perf_counter() - t0, 3)}
-    out.write_parquet(part_index(shard), table)
-    out.write_json(part_stats(shard), stats)  # written last: the shard's marker
-    return stats
+    stats = {"split": planned[0].split if planned else "", "planned": len(planned), "samples": len(rows),
+             "drops": dict(sorted(drops.items())), "keypoints_outside_frame": outside, "bytes": writer.offset,
+             "sha256": digest.hexdigest()}
+    return table, stats
 
 
 class _Hashing:
@@ -204,76 +182,3 @@ class _Hashing:
     def write(self, data: bytes) -> int:
         self._digest.update(data)
         return self._fh.write(data)
-
-
-def run_bundle(cfg: BuildConfig, inputs: dict[str, str | Path], output: str | Path, overwrite: bool = False) -> dict:
-    for need in ("clean", "persons", "faces"):
-        if need not in inputs:
-            raise StageError(f"bundle needs the '{need}' output (inputs: {sorted(inputs)})")
-    t0 = time.perf_counter()
-    bcfg = cfg.bundle
-    plan = build_plan(bcfg, inputs["clean"], inputs["persons"], inputs["faces"])
-    version, chash = pipeline_version(), build_config_hash(cfg)
-    meta = {"stage": "bundle", "config_hash": chash, "plan": plan.digest(), "version": version}
-    out = as_store(output)
-    out.makedirs()
-    clean_temporaries(out)
-    files = out.listing()  # one listing answers the claim, the opt-out check and which shards are done
-    if claim(out, meta, overwrite, files):
-        discard_outputs(out)
-        files = out.listing()
-    shards = plan.by_shard()
-    # Opt-outs applied by `webbody remove` stay applied: their samples are never written again. Filtering after
-    # the shard assignment keeps every other sample in the shard and position it already has.
-    removed = removed_hashes(out, files)
-    if removed["keys"]:
-        shards = {s: [p for p in ps if key_hash(p.key) not in removed["keys"]] for s, ps in shards.items()}
-        shards = {s: ps for s, ps in shards.items() if ps}
-        for ident in [i for i in plan.centers if key_hash(i) in removed["identities"]]:
-            del plan.centers[ident]
-    ledger = Ledger(out, files)
-    tasks = []
-    for _, names in sorted(plan.windows().items()):
-        todo = {s: shards[s] for s in names if s in shards and not ledger.shard_done(s)}
-        if todo:
-            tasks.append(todo)
-    args = (str(inputs["persons"]), str(inputs["faces"]), bcfg, version, chash)
-    bar = progress(total=sum(len(t) for t in tasks), desc="bundle", unit="shard")
-    written: dict[str, dict] = {}  # shard -> the stats its pack task returned (no need to read them back)
-
-    def packed(results: list[dict]) -> None:
-        written.update((r["shard"], r) for r in results)
-        bar.update(len(results))
-
-    if tasks and cfg.run.executor == "ray" and len(tasks) > 1:
-        import ray
-
-        from pipeline.runtime import init_ray
-
-        init_ray(cfg.run.ray_address)
-        # memory= makes Ray place no more pack tasks on a node than its memory holds (row group + window faces)
-        remote = ray.remote(num_cpus=1, memory=bcfg.pack_memory_mb << 20)(pack_window)
-        pending = [remote.remote(out.uri, t, *args, plan.vouched_for(t)) for t in tasks]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            packed(ray.get(ready[0]))
-    else:
-        for t in tasks:
-            packed(pack_window(out.uri, t, *args, plan.vouched_for(t)))
-    bar.close()
-    earlier = read_shard_stats(out, [s for s in shards if s not in written])  # done by an earlier run
-    shard_stats = sorted([*earlier, *(written[s] for s in shards if s in written)], key=lambda st: st["shard"])
-    write_centers(out, plan.centers)
-    extra = {
-        "rows_in": plan.rows_in,
-        "plan_drops": dict(plan.drops),
-        "pipeline_version": version,
-        "config_hash": chash,
-        "plan": meta["plan"],
-        "image_size": bcfg.image_size,
-        "split_plan": plan.splits.stats,
-        "funnel": sibling_funnel(out),
-        "removals": {"requests": 0, "samples": 0},
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return summarize(out, shard_stats, extra)

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.bundle.plan import Planned, ShardSet
 from pipeline.bundle.render import RenderError, face_npy, render_sample, visible_mask
-from pipeline.bundle.tarpack import ShardWriter
+from pipeline.bundle.writers import DEFAULT_WRITER, OutputWriter, locations
 from pipeline.config import BuildConfig, BundleConfig
 from pipeline.stage import config_hash
 from schemas.bundle import BUNDLE_INDEX
@@ -52,6 +52,8 @@ def build_config_hash(cfg: BuildConfig) -> str:
     for key in ("plugins", "extensions"):
         if not doc[key]:
             del doc[key]
+    if doc["bundle"]["writer"] == DEFAULT_WRITER:  # the same: bundles made before writers were registered
+        del doc["bundle"]["writer"]
     return config_hash(doc)
 
 
@@ -87,7 +89,7 @@ def pa_array(values: set[str]):
 
 
 def pack_window(folder: Path, shards: dict[str, list[Planned]], persons: str, faces: str, bcfg: BundleConfig,
-                version: str, cfg_hash: str, vouched: dict[str, dict[str, int]] | None = None,
+                version: str, cfg_hash: str, writer: OutputWriter, vouched: dict[str, dict[str, int]] | None = None,
                 ) -> tuple[pa.Table, dict[str, Path], dict[str, dict]]:
     """Render one window's samples and write its shards `shards` (name -> planned samples, in order) into the
     local `folder`. Pure function of its arguments; returns the window's index rows, the shard files and each
@@ -133,42 +135,35 @@ def pack_window(folder: Path, shards: dict[str, list[Planned]], persons: str, fa
             if missing:
                 drops[shard]["missing_person"] += missing
             files[shard] = folder / shard
-            table, stats[shard] = _write_shard(files[shard], shard, planned, rendered, spill, drops[shard],
+            table, stats[shard] = _write_shard(writer, files[shard], shard, planned, rendered, spill, drops[shard],
                                                outside[shard])
             tables.append(table)
     index = pa.concat_tables(tables) if tables else BUNDLE_INDEX.empty()
     return index, files, stats
 
 
-def _write_shard(path: Path, shard: str, planned: list[Planned], rendered: dict, spill: Any, drops: Counter,
-                 outside: int) -> tuple[pa.Table, dict]:
+def _write_shard(writer: OutputWriter, path: Path, shard: str, planned: list[Planned], rendered: dict, spill: Any,
+                 drops: Counter, outside: int) -> tuple[pa.Table, dict]:
     samples = [p for p in planned if p.person_id in rendered]
     digest = hashlib.sha256()
     with open(path, "wb", buffering=1 << 20) as fh:
-        writer = ShardWriter(_Hashing(fh, digest))
+        sink = writer.sink(_Hashing(fh, digest))
         rows = []
         for pos, p in enumerate(samples):
             at, parts, meta = rendered[p.person_id]
             spill.seek(at)
-            members = [(ext, spill.read(size), sha) for ext, size, sha in parts]
-            m = {mem_in[0]: mem for mem_in, mem in zip(members, writer.add(p.key, members))}
-            npy = m.get("face.npy")
+            placed = sink.add(p.key, [(ext, spill.read(size), sha) for ext, size, sha in parts])
             rows.append({
-                "key": p.key, "split": p.split, "shard": shard, "position": pos,
-                "offset": m["jpg"].offset, "end": writer.offset,
-                "jpg_offset": m["jpg"].data_offset, "jpg_size": m["jpg"].size,
-                "json_offset": m["json"].data_offset, "json_size": m["json"].size,
-                "npy_offset": npy.data_offset if npy else None, "npy_size": npy.size if npy else None,
-                "sha256": m["jpg"].sha256, "json_sha256": m["json"].sha256, "npy_sha256": npy.sha256 if npy else None,
+                "key": p.key, "split": p.split, "shard": shard, "position": pos, **locations(placed, sink.offset),
                 "label": p.label, "identity": p.identity, "name": meta["name"], "role": p.role,
                 "subsets": p.subsets, "person_id": p.person_id, "sample_id": meta["sample_id"],
                 "url": meta["url"], "image_sha256": meta["image_sha256"],
                 "kp_visible": visible_mask(meta["keypoints"]), "has_face": meta["face_box"] is not None,
             })
-        writer.close()
+        sink.close()
     table = BUNDLE_INDEX.from_rows(rows) if rows else BUNDLE_INDEX.empty()
     stats = {"split": planned[0].split if planned else "", "planned": len(planned), "samples": len(rows),
-             "drops": dict(sorted(drops.items())), "keypoints_outside_frame": outside, "bytes": writer.offset,
+             "drops": dict(sorted(drops.items())), "keypoints_outside_frame": outside, "bytes": sink.offset,
              "sha256": digest.hexdigest()}
     return table, stats
 

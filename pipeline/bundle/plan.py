@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.bundle.layout import SPLITS, key_hash, shard_file
 from pipeline.bundle.splits import SplitPlan, is_hard, make_splits
 from pipeline.bundle.store import Store, as_store
+from pipeline.bundle.writers import get_writer
 from pipeline.config import BundleConfig
 from pipeline.stage import StageError
 
@@ -199,12 +200,14 @@ def shard_samples(cset: ShardSet, pset: ShardSet, sid: str, window: int) -> tupl
 def assign_window(samples: list[Planned], cfg: BundleConfig, first: dict[str, int]) -> list[Planned]:
     """Order one window's samples (split, then sha256(seed:key)) and cut them into shards of
     `samples_per_shard` numbered from `first[split]`; returns them in shard order (train first)."""
+    extension = get_writer(cfg.writer).extension
     ordered: list[Planned] = []
     for split in SPLITS:
         part = sorted((s for s in samples if s.split == split),
                       key=lambda s: hashlib.sha256(f"{cfg.seed}:{s.key}".encode()).hexdigest())
         for i, s in enumerate(part):
-            s.shard, s.position = shard_file(split, first[split] + i // cfg.samples_per_shard), i % cfg.samples_per_shard
+            s.shard = shard_file(split, first[split] + i // cfg.samples_per_shard, extension)
+            s.position = i % cfg.samples_per_shard
         ordered.extend(part)
     return ordered
 

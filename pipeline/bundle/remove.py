@@ -34,7 +34,7 @@ from pipeline.bundle.layout import (
     summarize,
 )
 from pipeline.bundle.store import Store, as_store
-from pipeline.bundle.tarpack import iter_members, split_member_name, write_shard_atomic
+from pipeline.bundle.writers import OutputWriter, writer_of
 from pipeline.config import BuildConfig
 from pipeline.shards import ROLLUP, DatasetDir, file_sha256
 from pipeline.stage import StageError
@@ -124,6 +124,7 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
     # identities left with no sample at all vanish (and so does their center)
     gone_ids = {i for i in removed_ids if all(r["key"] in drop_keys for r in index if r["identity"] == i)}
     stats = d.read_json(ROLLUP)
+    writer = writer_of(stats)
     touched = {r["shard"] for r in drop}
     windows = d.done_ids()
     parts, tars, rewritten, deleted = [], {}, 0, 0
@@ -131,12 +132,12 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
         wstats = d.shard_stats(sid)
         part = d.read_shard(sid)
         if touched & set(wstats.get("tars", {})):
-            part, n_rewritten, n_deleted = _rewrite_window(d, store, sid, part, wstats, drop_keys)
+            part, n_rewritten, n_deleted = _rewrite_window(d, store, writer, sid, part, wstats, drop_keys)
             rewritten, deleted = rewritten + n_rewritten, deleted + n_deleted
         parts.append(part)
         tars.update(wstats.get("tars", {}))
     index_t = index_of(parts)
-    _update_centers(store, index_t, gone_ids, removed_ids - gone_ids)
+    _update_centers(store, writer, index_t, gone_ids, removed_ids - gone_ids)
     hashes = removed_hashes(store)
     hashes["keys"] |= {key_hash(k) for k in drop_keys}
     hashes["identities"] |= {key_hash(i) for i in gone_ids}
@@ -160,7 +161,8 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
     return result
 
 
-def _rewrite_window(d: DatasetDir, store: Store, sid: str, part, wstats: dict, drop_keys: set[str]):
+def _rewrite_window(d: DatasetDir, store: Store, writer: OutputWriter, sid: str, part, wstats: dict,
+                    drop_keys: set[str]):
     """Re-commit window `sid` without `drop_keys`: its touched shards rewritten (emptied ones deleted), its
     index part, stats and marker after them, the contract's order (marker removed first, written last)."""
     rows = part.to_pylist()
@@ -189,7 +191,7 @@ def _rewrite_window(d: DatasetDir, store: Store, sid: str, part, wstats: dict, d
             if not store.local:
                 store.fs.get_file(store.join(shard), str(src))
             dst = Path(tmp) / shard
-            new_rows += _rewrite_shard(src, dst, kept, drop_keys)
+            new_rows += writer.rewrite(src, dst, kept)
             files[shard] = dst
             tars[shard].update(samples=len(kept), bytes=dst.stat().st_size, sha256=file_sha256(dst))
         table = BUNDLE_INDEX.from_rows(new_rows) if new_rows else BUNDLE_INDEX.empty()
@@ -201,31 +203,7 @@ def _rewrite_window(d: DatasetDir, store: Store, sid: str, part, wstats: dict, d
     return table, len(files), len(gone)
 
 
-def _rewrite_shard(src: Path, dst: Path, kept_rows: list[dict], drop_keys: set[str]) -> list[dict]:
-    """Write `dst` as `src` without `drop_keys` (other members copied byte for byte); the kept rows with their
-    new positions and offsets."""
-    members: dict[str, list[tuple[str, bytes]]] = {}
-    for ti, data in iter_members(src):
-        key, ext = split_member_name(ti.name)
-        if key not in drop_keys:
-            members.setdefault(key, []).append((ext, data))
-
-    def fill(writer) -> list[dict]:
-        rows = []
-        for pos, r in enumerate(kept_rows):
-            got = {ext: m for (ext, _), m in zip(members[r["key"]], writer.add(r["key"], members[r["key"]]))}
-            row = dict(r)
-            row.update(position=pos, offset=got["jpg"].offset, end=writer.offset,
-                       jpg_offset=got["jpg"].data_offset, json_offset=got["json"].data_offset)
-            if "face.npy" in got:
-                row["npy_offset"] = got["face.npy"].data_offset
-            rows.append(row)
-        return rows
-
-    return write_shard_atomic(dst, fill)
-
-
-def _update_centers(store: Store, index, gone: set[str], shrunk: set[str]) -> None:
+def _update_centers(store: Store, writer: OutputWriter, index, gone: set[str], shrunk: set[str]) -> None:
     """Drop the centers of vanished identities; recompute shrunk ones from their remaining `.face.npy`."""
     if not store.exists(CENTERS):
         return
@@ -244,6 +222,6 @@ def _update_centers(store: Store, index, gone: set[str], shrunk: set[str]) -> No
                 continue
             total = np.zeros(row["dim"], np.float32)
             for r in samples:
-                total += np.load(io.BytesIO(store.read_range(r["shard"], r["npy_offset"], r["npy_size"]))).astype(np.float32)
+                total += np.load(io.BytesIO(writer.read_member(store, r, "face.npy"))).astype(np.float32)
             row.update(center=total.astype("<f4").tobytes(), count=len(samples))
     store.write_parquet(CENTERS, BUNDLE_CENTERS.from_rows(rows) if rows else BUNDLE_CENTERS.empty())

@@ -28,6 +28,7 @@ from pipeline.bundle.layout import (
 )
 from pipeline.bundle.pack import build_config_hash, pack_window, pipeline_version
 from pipeline.bundle.plan import BundlePlan, Planned, build_plan, plan_window
+from pipeline.bundle.writers import get_writer
 from pipeline.config import BuildConfig
 from pipeline.shards import DatasetDir, format_shard_id
 from pipeline.stage import (
@@ -56,6 +57,7 @@ class BundleStage(PlannedStage):
         self.build_hash = build_config_hash(cfg)  # what every record carries (`config_hash`)
         self._plan: BundlePlan | None = None  # driver side only: never shipped to workers
         self._removed: dict[str, Any] = {}
+        self.writer = get_writer(cfg.bundle.writer)  # registered by then: built in, or by a `plugins` module
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_plan": None, "_removed": {}}
@@ -65,7 +67,7 @@ class BundleStage(PlannedStage):
         return config_hash({"config": self.build_hash, "version": self.version})
 
     def owns(self, name: str) -> bool:
-        return (name.startswith("webbody-") and name.endswith(".tar")) or name in (INDEX, CENTERS, "report.html")
+        return self.writer.is_shard(name) or name in (INDEX, CENTERS, "report.html")
 
     # -- driver ---------------------------------------------------------------------------------------------------
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
@@ -102,6 +104,7 @@ class BundleStage(PlannedStage):
             "config_hash": self.build_hash,
             "plan": plan.digest(),
             "image_size": self.config.image_size,
+            "writer": self.writer.describe(),
             "split_plan": plan.splits.stats,
             "funnel": sibling_funnel(out),
             "removals": {"requests": removed.get("requests", 0), "samples": len(removed.get("keys", ()))},
@@ -118,7 +121,7 @@ class BundleStage(PlannedStage):
         for p in planned:
             shards.setdefault(p.shard, []).append(p)
         index, files, tars = pack_window(ctx.local_tmp, shards, ctx.inputs["persons"].uri, ctx.inputs["faces"].uri,
-                                         self.config, self.version, self.build_hash, payload["vouched"])
+                                         self.config, self.version, self.build_hash, self.writer, payload["vouched"])
         drops: Counter = Counter()
         for st in tars.values():
             drops.update(st["drops"])
@@ -128,8 +131,9 @@ class BundleStage(PlannedStage):
 def run_bundle(cfg: BuildConfig, inputs: dict[str, str | os.PathLike], output: str | os.PathLike,
                overwrite: bool = False) -> dict:
     from pipeline.executors import LocalExecutor
-    from pipeline.registry import executor_from_config
+    from pipeline.registry import executor_from_config, load_plugins
 
+    load_plugins(cfg)  # a user output writer registers itself at import
     missing = [k for k in NEEDS if k not in inputs]
     if missing:
         raise StageError(f"bundle needs the '{missing[0]}' output (inputs: {sorted(inputs)})")

@@ -218,6 +218,7 @@ class BundleConfig(_Strict):
     # `seed`); each task reads its inputs one parquet row group at a time and asks Ray for `pack_memory_mb`.
     pack_window: int = Field(16, ge=1)
     pack_memory_mb: int = Field(1024, ge=64)
+    # The split defaults below (the official recipe) are set here only; pipeline/bundle/splits.py reads them.
     # WebBody-test eligibility (official rule, exclusive bounds): an identity qualifies when the number of its
     # images with the lower body visible AND a partial face lies in (min, max), and its image count too.
     # Small builds lower these.

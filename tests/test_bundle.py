@@ -18,6 +18,7 @@ import pytest
 from pipeline.bundle import run
 from pipeline.bundle.splits import is_hard, make_splits
 from pipeline.bundle.verify import verify_bundle
+from pipeline.config import BundleConfig
 from pipeline.geometry import letterbox_geometry
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
@@ -224,9 +225,9 @@ def _synthetic(n_ids: int, seed: int = 0):
 
 def test_official_split_rule_reproducible_and_disjoint():
     idents, keys, hard = _synthetic(400)
-    a = make_splits(idents, keys, hard, test_identities=30, seed=42)
-    b = make_splits(idents, keys, hard, test_identities=30, seed=42)
-    c = make_splits(idents, keys, hard, test_identities=30, seed=7)
+    a = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=42))
+    b = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=42))
+    c = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=7))
     assert a.split_of == b.split_of and a.role_of == b.role_of and a.subsets_of == b.subsets_of
     assert a.split_of != c.split_of
     test = {i for i, s in a.split_of.items() if s == "test"}
@@ -253,7 +254,7 @@ def test_official_split_rule_reproducible_and_disjoint():
 
 def test_split_shortfall_is_reported():
     idents, keys, hard = _synthetic(50)
-    plan = make_splits(idents, keys, hard, test_identities=4000, seed=42)
+    plan = make_splits(idents, keys, hard, BundleConfig(test_identities=4000, seed=42))
     assert plan.stats["identities"]["test"] == plan.stats["test_identities_eligible"] < 4000
     assert plan.stats["test_identities_short"] == 4000 - plan.stats["test_identities_eligible"]
 

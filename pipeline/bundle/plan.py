@@ -254,13 +254,7 @@ def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, face
                         centers[s.identity] = (vec.copy(), 1, f["embedder"])
                     else:
                         centers[s.identity] = (old[0] + vec, old[1] + 1, old[2])
-    splits = make_splits(
-        [s.identity for s in samples], [s.key for s in samples], hard,
-        test_identities=cfg.test_identities, seed=cfg.seed, min_hard=cfg.test_min_hard,
-        max_hard=cfg.test_max_hard, min_images=cfg.test_min_images, max_images=cfg.test_max_images,
-        query_fraction=cfg.query_fraction, frequent_fraction=cfg.frequent_fraction,
-        frequent_subsets=cfg.frequent_subsets, random_subsets=cfg.random_subsets,
-    )
+    splits = make_splits([s.identity for s in samples], [s.key for s in samples], hard, cfg)
     by_window: dict[int, list[Planned]] = {}
     for s in samples:
         s.split = splits.split_of[s.identity]

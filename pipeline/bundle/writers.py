@@ -157,13 +157,19 @@ def register_writer(name: str, replace: bool = False):
 
 def unregister_writer(name: str) -> None:
     """Remove a user writer (tests, notebooks); the built-in one stays."""
-    if name == DEFAULT_WRITER:
+    if name in BUILTIN_WRITERS:
         raise StageError(f"writer '{name}' is built in and cannot be removed")
     _WRITERS.pop(name, None)
 
 
+# Built-in writers, by module (imported on first use, as pipeline/registry.py names stage modules): the
+# writer modules import this one, never the other way round.
+BUILTIN_WRITERS = {DEFAULT_WRITER: "pipeline.bundle.tarpack"}
+
+
 def _builtins() -> None:
-    import pipeline.bundle.tarpack  # noqa: F401  (registers "webdataset")
+    for module in BUILTIN_WRITERS.values():
+        importlib.import_module(module)
 
 
 def writer_names() -> list[str]:

@@ -2,7 +2,8 @@
 
 The same inputs bundled to a local folder and to s3:// (inputs read from s3:// too) give byte-identical objects;
 a resumed s3 bundle gives the same bytes again; training batches and evaluation results read from s3:// equal
-the local ones; planning over s3 costs one listing per input stage and at most one marker read per shard.
+the local ones; planning over s3 costs one listing per input stage and at most one marker read per shard;
+`webbody remove` on an s3 bundle leaves what a local removal leaves.
 """
 
 from __future__ import annotations
@@ -184,4 +185,10 @@ def test_remove_on_s3_matches_a_local_removal(s3, builds, tmp_path):
     assert a == b and a["samples"] > 0
     _same_objects(s3, local, prefix)
     assert verify_bundle(f"s3://{prefix}") == []
+    from flows.cli import main  # the command line, on the s3 bundle: remove (then verify), verify, report
+
+    other = pq.read_table(local / "index.parquet").column("url").to_pylist()[0]
+    assert main(["remove", f"s3://{prefix}", "--url", other]) == 0
+    assert main(["verify", f"s3://{prefix}"]) == 0 and main(["report", f"s3://{prefix}"]) == 0
+    assert main(["verify", f"s3://{BUCKET}/nothing-here"]) == 2
     assert name not in {r for r in pq.read_table(local / "index.parquet").column("name").to_pylist()}

@@ -229,11 +229,12 @@ def write_report(bundle: str | Path, build_root: str | Path | None = None,
 
 
 def report_main(bundle: str | Path, output: str | Path | None = None) -> int:
-    bundle = Path(bundle)
+    store = as_store(str(bundle))
+    files = store.listing()
     for need in ("stats.json", "index.parquet"):
-        if not (bundle / need).exists():
-            print(f"error: {bundle / need} not found: is {bundle} a bundle directory?")
+        if need not in files:
+            print(f"error: {store.url(need)} not found: is {bundle} a bundle directory?")
             return 2
-    path = write_report(bundle, output=output)
+    path = write_report(str(bundle), output=output)
     print(f"report: {path}")
     return 0

@@ -216,8 +216,13 @@ def _check_record(shard: str, r: dict, data: bytes, size: int) -> list[Problem]:
 
 
 def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> int:
-    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise, 2 if DIR is not a directory."""
-    if not Path(root).is_dir():
+    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise, 2 if DIR is not a directory
+    (or, on an object store, holds no object)."""
+    from pipeline import storage
+    from pipeline.bundle.store import as_store
+
+    local = storage.is_local(str(root))
+    if (local and not Path(root).is_dir()) or (not local and not as_store(str(root)).listing()):
         print(f"error: {root} is not a directory (give a bundle directory, <build>/bundle)", file=sys.stderr)
         return 2
     problems = verify_bundle(root)
@@ -229,6 +234,6 @@ def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> i
         print(f"{len(problems)} problem(s) in {root}", file=sys.stderr)
         return 1
     if not quiet:
-        stats = json.loads((Path(root) / "stats.json").read_text())
+        stats = as_store(str(root)).read_json("stats.json")
         print(f"ok: {len(stats['tars'])} shards, {stats['rows_out']} samples verified in {root}")
     return 0

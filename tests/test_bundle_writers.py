@@ -123,3 +123,18 @@ def test_unknown_or_conflicting_writer_is_a_clear_error(tmp_path):
         register_writer("webdataset")(type("Other", (WebDatasetWriter,), {"__module__": "elsewhere"}))
     with pytest.raises(StageError, match="built in"):
         unregister_writer("webdataset")
+
+
+def test_toy_writer_on_ray_workers_gives_the_local_bytes(builds, tmp_path, ray_local):
+    """Ray workers import the writer's module (named by the stage they run) and write the same ZIP shards."""
+    _, inputs, _, _ = builds
+    cfg = zip_config(pack_window=1)  # 3 windows -> 3 Ray tasks
+    run(cfg, inputs, tmp_path / "local")
+    ray_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "ray"})})
+    stats = run(ray_cfg, inputs, tmp_path / "ray")
+    assert stats["run"]["units"] == 3
+    names = sorted(p.name for p in (tmp_path / "local").iterdir() if p.suffix in (".zip", ".parquet"))
+    assert any(n.endswith(".zip") for n in names)
+    for n in names:
+        assert (tmp_path / "ray" / n).read_bytes() == (tmp_path / "local" / n).read_bytes(), n
+    assert verify_bundle(tmp_path / "ray") == []

@@ -291,3 +291,21 @@ def test_fast_writer_bytes_equal_tarfile():
     for (_, ms), members in zip(samples, offsets):
         for (_, data), m in zip(ms, members):
             assert blob[m.data_offset: m.data_offset + m.size] == data
+
+
+def test_unit_payload_grows_with_identities_not_samples(tmp_path):
+    """A pack task's payload lists the window's identities (split, label, subsets), not its samples: 4x the
+    images per identity leave it the same size (no test split here, whose queries are listed by key)."""
+    from pipeline.bundle.stage import BundleStage
+    from pipeline.stage import PlanContext
+
+    sizes = []
+    for per_id in (4, 16):
+        inputs = make_build(tmp_path / f"b{per_id}", n_ids=6, per_id=per_id, dropped=0)
+        cfg = small_config(test_identities=0)
+        ctx = PlanContext(inputs={k: DatasetDir(v) for k, v in inputs.items()}, output=DatasetDir(tmp_path / "o"))
+        (unit,) = BundleStage(cfg).plan(ctx)
+        text = json.dumps(unit.payload, sort_keys=True)
+        assert "_0" not in text and "_1" not in text  # no sample key / person id (they end in _<detection>)
+        sizes.append(len(text))
+    assert abs(sizes[1] - sizes[0]) <= 8, sizes

@@ -132,12 +132,6 @@ class BundlePlan:
     inputs: dict[int, list[str]] = field(default_factory=dict)  # window -> its input shard ids
     first: dict[int, dict[str, int]] = field(default_factory=dict)  # window -> split -> its first shard number
 
-    def by_shard(self) -> dict[str, list[Planned]]:
-        out: dict[str, list[Planned]] = {}
-        for s in self.samples:
-            out.setdefault(s.shard, []).append(s)
-        return out
-
     def by_window(self) -> dict[int, list[Planned]]:
         out: dict[int, list[Planned]] = {}
         for s in self.samples:
@@ -162,7 +156,7 @@ class BundlePlan:
             "first": self.first[window],
             "identities": dict(sorted(idents.items())),
             "queries": sorted(s.key for s in samples if s.role == "query"),
-            "removed": sorted(h for s in samples if (h := key_hash(s.key)) in removed),
+            "removed": sorted(h for s in samples if (h := key_hash(s.key)) in removed) if removed else [],
             "vouched": {k: {sid: sizes[sid] for sid in ins if sid in sizes} for k, sizes in sorted(self.verified.items())},
             "digest": samples_digest(samples),
         }

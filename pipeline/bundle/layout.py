@@ -139,3 +139,10 @@ def summarize(index: pa.Table, tars: dict[str, dict], extra: dict) -> dict:
         "bytes": sum(s["bytes"] for s in tars.values()),
         "keypoints_outside_frame": sum(s.get("keypoints_outside_frame", 0) for s in tars.values()),
     }
+
+
+def listed_tars(stats: dict) -> dict[str, dict]:
+    """The shards a bundle's stats.json lists (`tars`; bundles written before the executor port list them
+    under `shards`, next to their `_parts/` folder)."""
+    old = stats.get("shards")
+    return stats.get("tars") or (old if isinstance(old, dict) else {})

@@ -124,6 +124,9 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
     # identities left with no sample at all vanish (and so does their center)
     gone_ids = {i for i in removed_ids if all(r["key"] in drop_keys for r in index if r["identity"] == i)}
     stats = d.read_json(ROLLUP)
+    if "tars" not in stats:
+        raise StageError(f"{d.uri} was written before the bundle ran on the executor contract (a `_parts/` folder): "
+                         "rebuild it with this version (`webbody stage bundle ... --overwrite`), then remove")
     writer = writer_of(stats)
     touched = {r["shard"] for r in drop}
     windows = d.done_ids()

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import listed_tars
 from pipeline.bundle.store import Store, as_store
 from pipeline.bundle.writers import OutputWriter, writer_of
 from pipeline.shards import atomic_write_bytes
@@ -203,7 +204,7 @@ def render_report(bundle: str | Path | Store, build_root: str | Path | Store | N
     kp, kpn = keypoint_charts(index)
     cards = "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in [
         ("samples", stats.get("rows_out")), ("identities", stats.get("identities")),
-        ("shards", len(stats.get("tars", {}))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
+        ("shards", len(listed_tars(stats))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
         ("removed (opt-out)", (stats.get("removals") or {}).get("samples", 0))])
     meta = (f"pipeline {_e(stats.get('pipeline_version'))} &middot; config {_e(stats.get('config_hash'))} &middot; "
             f"image {_e(stats.get('image_size'))} px")

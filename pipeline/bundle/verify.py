@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import listed_tars
 from pipeline.bundle.render import visible_mask
 from pipeline.bundle.writers import OutputWriter, ShardReadError, StoredMember, writer_of
 from pipeline.shards import file_sha256
@@ -84,7 +85,7 @@ def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]
     except StageError as exc:
         return [*problems, Problem("stats.json", str(exc))]
     size = int(stats.get("image_size", 384))
-    listed: dict[str, dict] = stats.get("tars", {})
+    listed = listed_tars(stats)
     on_disk = {p.name for p in root.iterdir() if writer.is_shard(p.name)}
     for name in sorted(on_disk - set(listed)):
         problems.append(Problem(name, "shard on disk but not in stats.json (stray or renamed file)"))
@@ -235,5 +236,5 @@ def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> i
         return 1
     if not quiet:
         stats = as_store(str(root)).read_json("stats.json")
-        print(f"ok: {len(stats['tars'])} shards, {stats['rows_out']} samples verified in {root}")
+        print(f"ok: {len(listed_tars(stats))} shards, {stats['rows_out']} samples verified in {root}")
     return 0

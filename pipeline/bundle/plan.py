@@ -210,7 +210,10 @@ def shards_of(n_samples: int, cfg: BundleConfig) -> int:
     return -(-n_samples // cfg.samples_per_shard)
 
 
-def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, faces: str | Store) -> BundlePlan:
+def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, faces: str | Store,
+               removed: set[str] | frozenset[str] = frozenset()) -> BundlePlan:
+    """The plan. `removed`: hashed keys of samples opted out (`_removed.json`): they keep their place in the
+    splits and shards (so every other sample keeps its shard and position) but add nothing to the centers."""
     cset, pset, fset = ShardSet(clean), ShardSet(persons), ShardSet(faces)
     clean_ids = cset.done_ids()
     if not clean_ids:
@@ -240,7 +243,7 @@ def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, face
             samples.append(s)
             hard.append(is_hard(kp[2::3]) if len(kp) == 51 else False)
             f = feats.get(s.person_id)
-            if f is not None:
+            if f is not None and not (removed and key_hash(s.key) in removed):
                 vec = np.frombuffer(f["feature"], dtype="<f2").astype(np.float32)
                 if vec.size == f["feature_dim"] and np.all(np.isfinite(vec)):
                     old = centers.get(s.identity)

@@ -127,9 +127,18 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
     if "tars" not in stats:
         raise StageError(f"{d.uri} was written before the bundle ran on the executor contract (a `_parts/` folder): "
                          "rebuild it with this version (`webbody stage bundle ... --overwrite`), then remove")
+    if not stats.get("complete") or stats.get("shards") != len(d.done_ids()):
+        raise StageError(f"{d.uri} has unfinished windows (a removal or a build was interrupted): run the bundle "
+                         "stage again to finish it (earlier opt-outs stay applied), then remove")
     writer = writer_of(stats)
     touched = {r["shard"] for r in drop}
     windows = d.done_ids()
+    # The opt-out is recorded first: a rebuild after an interrupted removal never writes the subject again.
+    hashes = removed_hashes(store)
+    hashes["keys"] |= {key_hash(k) for k in drop_keys}
+    hashes["identities"] |= {key_hash(i) for i in gone_ids}
+    requests = hashes.pop("requests") + 1
+    d.write_json(REMOVED, {**{k: sorted(v) for k, v in hashes.items()}, "requests": requests})
     parts, tars, rewritten, deleted = [], {}, 0, 0
     for sid in windows:
         wstats = d.shard_stats(sid)
@@ -141,11 +150,6 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
         tars.update(wstats.get("tars", {}))
     index_t = index_of(parts)
     _update_centers(store, writer, index_t, gone_ids, removed_ids - gone_ids)
-    hashes = removed_hashes(store)
-    hashes["keys"] |= {key_hash(k) for k in drop_keys}
-    hashes["identities"] |= {key_hash(i) for i in gone_ids}
-    requests = hashes.pop("requests") + 1
-    d.write_json(REMOVED, {**{k: sorted(v) for k, v in hashes.items()}, "requests": requests})
     removals = stats.get("removals") or {"requests": 0, "samples": 0}
     removals = {"requests": removals["requests"] + 1, "samples": removals["samples"] + len(drop_keys)}
     keep = {k: v for k, v in stats.items() if k not in ("rows_out", "identities", "splits", "tars", "bytes",

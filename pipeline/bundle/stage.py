@@ -74,10 +74,10 @@ class BundleStage(PlannedStage):
         missing = [k for k in NEEDS if k not in ctx.inputs]
         if missing:
             raise StageError(f"bundle needs the {missing} output(s) (inputs: {sorted(ctx.inputs)})")
-        plan = build_plan(self.config, *(ctx.inputs[k].uri for k in NEEDS))
         # Opt-outs applied by `webbody remove` stay applied: their samples are never written again. Filtering
         # after the shard assignment keeps every other sample in the shard and position it already has.
         removed = removed_hashes(ctx.output, ctx.output.listing())
+        plan = build_plan(self.config, *(ctx.inputs[k].uri for k in NEEDS), removed=removed["keys"])
         for ident in [i for i in plan.centers if key_hash(i) in removed["identities"]]:
             del plan.centers[ident]
         self._plan, self._removed = plan, removed

@@ -212,10 +212,14 @@ class BundleConfig(_Strict):
     test_identities: int = Field(4000, ge=0)
     seed: int = 42
     write_face_npy: bool = False
+    # The output writer (pipeline/bundle/writers.py registry): the format of the shard files. A user writer's
+    # module goes in `plugins`. Enters the records' config hash only when it is not the default.
+    writer: str = "webdataset"
     # Packing: one task per window of `pack_window` consecutive input shards (samples shuffled across them with
     # `seed`); each task reads its inputs one parquet row group at a time and asks Ray for `pack_memory_mb`.
     pack_window: int = Field(16, ge=1)
     pack_memory_mb: int = Field(1024, ge=64)
+    # The split defaults below (the official recipe) are set here only; pipeline/bundle/splits.py reads them.
     # WebBody-test eligibility (official rule, exclusive bounds): an identity qualifies when the number of its
     # images with the lower body visible AND a partial face lies in (min, max), and its image count too.
     # Small builds lower these.

@@ -87,7 +87,8 @@ def prepare_output(stage: Stage, out: DatasetDir, overwrite: bool = False, meta:
         names = out.listing(refresh=True)
         drop = [n for n in names if n.endswith(".done") or n == ROLLUP]
         if discard_shards:
-            drop += [n for n in names if n.startswith("part-") and n not in drop]
+            owns = getattr(stage, "owns", None)
+            drop += [n for n in names if (n.startswith("part-") or (owns is not None and owns(n))) and n not in drop]
         out.delete(drop)
     return changed
 

@@ -235,8 +235,12 @@ class DatasetDir:
             self._note(n, None)
 
     def commit_shard(self, shard_id: str, table: pa.Table, stats: dict,
-                     files: Mapping[str, bytes | Path] | None = None, had_marker: bool | None = None) -> dict:
+                     files: Mapping[str, bytes | Path] | None = None, had_marker: bool | None = None,
+                     keep_files: Mapping[str, dict] | None = None) -> dict:
         """The contract's write order: extra objects, parquet, stats, marker last (each atomic).
+
+        `keep_files`: marker entries ({"bytes", "sha256"}) of extra objects an earlier commit of this shard
+        published and that stay as they are (a shard re-committed with only some of its objects rewritten).
 
         An existing marker is removed first, so a kill mid-commit never leaves an old marker vouching for
         new bytes. Whether one exists comes from `had_marker` (the driver's listing, passed by executors
@@ -250,7 +254,7 @@ class DatasetDir:
         if had_marker:
             storage.delete(self.join(marker_name))
             self._note(marker_name, None)
-        extra = {}
+        extra = {k: dict(v) for k, v in sorted((keep_files or {}).items()) if k not in (files or {})}
         for name, data in sorted((files or {}).items()):
             _check_extra_name(name)
             size, digest = self.put(name, data)
@@ -261,7 +265,7 @@ class DatasetDir:
         self.write_json(f"part-{shard_id}.stats.json", stats)
         marker: dict[str, Any] = {"rows": table.num_rows, "bytes": len(blob), "sha256": storage.sha256_bytes(blob)}
         if extra:
-            marker["files"] = extra
+            marker["files"] = dict(sorted(extra.items()))
         self.write_json(marker_name, marker)
         return marker
 

@@ -188,6 +188,11 @@ class PlannedStage(Stage):
         """Optional global step once every unit is committed (driver side). Default: nothing."""
         return None
 
+    def owns(self, name: str) -> bool:
+        """Whether the output object `name` is one of this stage's extra (`UnitResult.files`) or `finish` objects:
+        removed with the shards when `overwrite` discards an earlier run. Default: none."""
+        return False
+
     def input_hash(self, ctx: PlanContext) -> str | None:
         """Identity of the inputs for the config guard. Default: the input directories' finished shards."""
         if not ctx.inputs:

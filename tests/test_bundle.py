@@ -18,6 +18,7 @@ import pytest
 from pipeline.bundle import run
 from pipeline.bundle.splits import is_hard, make_splits
 from pipeline.bundle.verify import verify_bundle
+from pipeline.config import BundleConfig
 from pipeline.geometry import letterbox_geometry
 from pipeline.shards import DatasetDir
 from pipeline.stage import StageError
@@ -41,12 +42,12 @@ def test_layout_counts_and_verify(built):
     root, _, stats = built
     out = root / "bundle"
     tars = sorted(p.name for p in out.glob("*.tar"))
-    assert tars == sorted(stats["shards"])
+    assert tars == sorted(stats["tars"]) and stats["shards"] == stats["shards_done"] == 1  # one window
     assert all(re.fullmatch(r"webbody-(train|test)-\d{6}\.tar", t) for t in tars)
     # 8 identities x 6 kept images; the 3 clean-dropped rows never reach the bundle
     assert stats["rows_in"] == stats["rows_out"] == 48
     assert stats["splits"]["test"]["identities"] == 2 and stats["splits"]["train"]["identities"] == 6
-    assert max(s["samples"] for s in stats["shards"].values()) <= 10
+    assert max(s["samples"] for s in stats["tars"].values()) <= 10
     assert verify_bundle(out) == []
 
 
@@ -110,16 +111,25 @@ def test_deterministic_bytes_and_resume(built, tmp_path):
     run(small_config(), inputs, other)
     for name in ["index.parquet", "centers.parquet", *sorted(p.name for p in (root / "bundle").glob("*.tar"))]:
         assert (other / name).read_bytes() == (root / "bundle" / name).read_bytes(), name
-    # a shard killed before its marker is redone, the others are kept as they are
-    victim = sorted(other.glob("webbody-train-*.tar"))[1]
-    (other / "_parts" / f"{victim.name}.json").unlink()
-    keep = sorted(other.glob("webbody-test-*.tar"))[0]
+    # One pack task per input shard: a window killed before its marker is redone (all its shards), the other
+    # windows are kept as they are.
+    cfg = small_config(pack_window=1)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run(cfg, inputs, ref)
+    run(cfg, inputs, out)
+    windows = {sid: json.loads((out / f"part-{sid}.stats.json").read_text())["tars"] for sid in ("00000", "00001")}
+    victim = out / sorted(windows["00001"])[0]
+    keep = out / sorted(windows["00000"])[0]
     before = keep.stat().st_mtime_ns
+    (out / "part-00001.done").unlink()
     victim.write_bytes(b"half a shard")
-    run(small_config(), inputs, other)
-    assert victim.read_bytes() == (root / "bundle" / victim.name).read_bytes()
+    (out / "index.parquet").unlink()
+    run(cfg, inputs, out)
+    assert victim.read_bytes() == (ref / victim.name).read_bytes()
     assert keep.stat().st_mtime_ns == before
-    assert verify_bundle(other) == []
+    for name in ["index.parquet", "centers.parquet", *sorted(p.name for p in ref.glob("*.tar"))]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert verify_bundle(out) == []
 
 
 def test_bundle_shards_mix_input_shards(built):
@@ -161,7 +171,7 @@ def test_row_groups_and_ray_tasks_give_the_same_bytes(built, tmp_path, ray_local
         _rewrite_with_row_groups(inputs[k], grouped[k], rows_per_group=4)
     ray_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "ray"})})
     stats = run(ray_cfg, grouped, tmp_path / "ray")
-    assert len(stats["shards"]) >= 3
+    assert len(stats["tars"]) >= 3 and stats["shards"] == 3 and stats["run"]["units"] == 3
     for p in sorted((tmp_path / "local").rglob("*")):
         if p.is_file() and p.suffix in (".tar", ".parquet"):
             assert (tmp_path / "ray" / p.relative_to(tmp_path / "local")).read_bytes() == p.read_bytes(), p.name
@@ -171,9 +181,12 @@ def test_row_groups_and_ray_tasks_give_the_same_bytes(built, tmp_path, ray_local
 def test_other_config_is_refused(built, tmp_path):
     _, inputs, _ = built
     run(small_config(), inputs, tmp_path / "b")
-    with pytest.raises(StageError, match="another selection or config"):
+    with pytest.raises(StageError, match="overwrite"):
         run(small_config(jpeg_quality=80), inputs, tmp_path / "b")
-    run(small_config(jpeg_quality=80), inputs, tmp_path / "b", overwrite=True)
+    before = {p.name for p in (tmp_path / "b").glob("*.tar")}
+    # fewer, bigger shards: the earlier run's shards are discarded with it (no stray tar is left behind)
+    run(small_config(jpeg_quality=80, samples_per_shard=20), inputs, tmp_path / "b", overwrite=True)
+    assert len({p.name for p in (tmp_path / "b").glob("*.tar")}) < len(before)
     assert verify_bundle(tmp_path / "b") == []
 
 
@@ -212,9 +225,9 @@ def _synthetic(n_ids: int, seed: int = 0):
 
 def test_official_split_rule_reproducible_and_disjoint():
     idents, keys, hard = _synthetic(400)
-    a = make_splits(idents, keys, hard, test_identities=30, seed=42)
-    b = make_splits(idents, keys, hard, test_identities=30, seed=42)
-    c = make_splits(idents, keys, hard, test_identities=30, seed=7)
+    a = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=42))
+    b = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=42))
+    c = make_splits(idents, keys, hard, BundleConfig(test_identities=30, seed=7))
     assert a.split_of == b.split_of and a.role_of == b.role_of and a.subsets_of == b.subsets_of
     assert a.split_of != c.split_of
     test = {i for i, s in a.split_of.items() if s == "test"}
@@ -241,7 +254,7 @@ def test_official_split_rule_reproducible_and_disjoint():
 
 def test_split_shortfall_is_reported():
     idents, keys, hard = _synthetic(50)
-    plan = make_splits(idents, keys, hard, test_identities=4000, seed=42)
+    plan = make_splits(idents, keys, hard, BundleConfig(test_identities=4000, seed=42))
     assert plan.stats["identities"]["test"] == plan.stats["test_identities_eligible"] < 4000
     assert plan.stats["test_identities_short"] == 4000 - plan.stats["test_identities_eligible"]
 
@@ -278,3 +291,21 @@ def test_fast_writer_bytes_equal_tarfile():
     for (_, ms), members in zip(samples, offsets):
         for (_, data), m in zip(ms, members):
             assert blob[m.data_offset: m.data_offset + m.size] == data
+
+
+def test_unit_payload_grows_with_identities_not_samples(tmp_path):
+    """A pack task's payload lists the window's identities (split, label, subsets), not its samples: 4x the
+    images per identity leave it the same size (no test split here, whose queries are listed by key)."""
+    from pipeline.bundle.stage import BundleStage
+    from pipeline.stage import PlanContext
+
+    sizes = []
+    for per_id in (4, 16):
+        inputs = make_build(tmp_path / f"b{per_id}", n_ids=6, per_id=per_id, dropped=0)
+        cfg = small_config(test_identities=0)
+        ctx = PlanContext(inputs={k: DatasetDir(v) for k, v in inputs.items()}, output=DatasetDir(tmp_path / "o"))
+        (unit,) = BundleStage(cfg).plan(ctx)
+        text = json.dumps(unit.payload, sort_keys=True)
+        assert "_0" not in text and "_1" not in text  # no sample key / person id (they end in _<detection>)
+        sizes.append(len(text))
+    assert abs(sizes[1] - sizes[0]) <= 8, sizes

@@ -2,7 +2,8 @@
 
 The same inputs bundled to a local folder and to s3:// (inputs read from s3:// too) give byte-identical objects;
 a resumed s3 bundle gives the same bytes again; training batches and evaluation results read from s3:// equal
-the local ones; planning over s3 costs one listing per input stage and at most one marker read per shard.
+the local ones; planning over s3 costs one listing per input stage and at most one marker read per shard;
+`webbody remove` on an s3 bundle leaves what a local removal leaves.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def test_bundle_on_s3_matches_local_bytes(s3, builds):
 def test_s3_bundle_resumes_to_the_same_bytes(s3, builds, tmp_path):
     root, cfg, remote, _ = builds
     prefix = f"{BUCKET}/build/bundle"
-    shard = sorted(k for k in s3.find(prefix) if k.endswith(".tar"))[0].rsplit("/", 1)[1]
-    s3.rm(f"{prefix}/_parts/{shard}.json")  # as if killed before the marker: the shard is redone
+    window = json.loads(s3.cat_file(f"{prefix}/part-00001.stats.json"))["tars"]
+    shard = sorted(window)[0]
+    s3.rm(f"{prefix}/part-00001.done")  # as if killed before the window's marker: its shards are redone
     s3.pipe(f"{prefix}/{shard}", b"garbage")
     s3.rm(f"{prefix}/index.parquet")
     run(cfg, remote, f"s3://{prefix}")
@@ -109,10 +111,6 @@ def test_unknown_scheme_is_a_clear_error(tmp_path):
         Store("nosuchscheme://bucket/x")
     with pytest.raises(StageError, match="lost a slash"):
         Store(str(Path("s3://bucket/x")))
-    from pipeline.bundle.remove import remove_subject
-
-    with pytest.raises(StageError, match="local bundle folders only"):
-        remove_subject("s3://bucket/bundle", name="anyone")
 
 
 def test_training_reads_shards_from_s3(s3, builds):
@@ -164,3 +162,33 @@ def test_verify_and_report_on_s3(s3, builds):
     s3.rm(f"{BUCKET}/build/bundle/report.html")
     s3.pipe(f"{BUCKET}/build/bundle/index.parquet", b"not parquet")
     assert any("index.parquet" in str(p) for p in verify_bundle(uri))
+
+
+def test_remove_on_s3_matches_a_local_removal(s3, builds, tmp_path):
+    """`webbody remove` on an s3:// bundle (through the same storage layer) leaves the objects a removal in a
+    local copy leaves, and the bundle still verifies."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.bundle.remove import remove_subject
+    from pipeline.bundle.verify import verify_bundle
+
+    root = builds[0]
+    local, prefix = tmp_path / "bundle", f"{BUCKET}/removed"
+    shutil.copytree(root / "bundle", local)
+    s3.put(str(local), prefix, recursive=True)
+    _same_objects(s3, local, prefix)
+    name = pq.read_table(local / "index.parquet").column("name").to_pylist()[0]
+    a = remove_subject(local, name=name)
+    b = remove_subject(f"s3://{prefix}", name=name)
+    assert a == b and a["samples"] > 0
+    _same_objects(s3, local, prefix)
+    assert verify_bundle(f"s3://{prefix}") == []
+    from flows.cli import main  # the command line, on the s3 bundle: remove (then verify), verify, report
+
+    other = pq.read_table(local / "index.parquet").column("url").to_pylist()[0]
+    assert main(["remove", f"s3://{prefix}", "--url", other]) == 0
+    assert main(["verify", f"s3://{prefix}"]) == 0 and main(["report", f"s3://{prefix}"]) == 0
+    assert main(["verify", f"s3://{BUCKET}/nothing-here"]) == 2
+    assert name not in {r for r in pq.read_table(local / "index.parquet").column("name").to_pylist()}

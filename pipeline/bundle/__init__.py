@@ -15,6 +15,6 @@ def run(cfg: BuildConfig, inputs: dict[str, str | os.PathLike], output: str | os
         overwrite: bool = False) -> dict:
     """Write `webbody-{split}-{n:06d}.tar` shards, `index.parquet`, `centers.parquet` and `stats.json` to
     `output`, a local folder or an object-store URI (docs/bundle.md)."""
-    from pipeline.bundle.writer import run_bundle
+    from pipeline.bundle.stage import run_bundle
 
     return run_bundle(cfg, inputs, output, overwrite)

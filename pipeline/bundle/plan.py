@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.bundle.layout import SPLITS, shard_file
+from pipeline.bundle.layout import SPLITS, key_hash, shard_file
 from pipeline.bundle.splits import SplitPlan, is_hard, make_splits
 from pipeline.bundle.store import Store, as_store
+from pipeline.bundle.writers import get_writer
 from pipeline.config import BundleConfig
 from pipeline.stage import StageError
 
@@ -111,7 +112,7 @@ class Planned:
     in_shard: str
     identity: str
     split: str = ""
-    label: int = -1
+    class_id: int = -1  # contiguous class of the identity within its split
     role: str = "train"
     subsets: list[str] = field(default_factory=list)
     shard: str = ""
@@ -126,38 +127,93 @@ class BundlePlan:
     centers: dict[str, tuple[np.ndarray, int, str]]  # identity -> (sum of raw features, count, embedder)
     rows_in: int
     drops: Counter
-    # "persons"/"faces" -> shard id -> parquet size, for the input shards whose markers planning checked
+    # "clean"/"persons"/"faces" -> shard id -> parquet size, for the input shards whose markers planning checked
     verified: dict[str, dict[str, int]] = field(default_factory=dict)
+    inputs: dict[int, list[str]] = field(default_factory=dict)  # window -> its input shard ids
+    first: dict[int, dict[str, int]] = field(default_factory=dict)  # window -> split -> its first shard number
 
-    def vouched_for(self, shards: dict[str, list[Planned]]) -> dict[str, dict[str, int]]:
-        """What a pack task of these bundle shards may trust without reading markers again."""
-        ins = {p.in_shard for ps in shards.values() for p in ps}
-        return {k: {s: v for s, v in sizes.items() if s in ins} for k, sizes in self.verified.items()}
-
-    def by_shard(self) -> dict[str, list[Planned]]:
-        out: dict[str, list[Planned]] = {}
+    def by_window(self) -> dict[int, list[Planned]]:
+        out: dict[int, list[Planned]] = {}
         for s in self.samples:
-            out.setdefault(s.shard, []).append(s)
-        return out
-
-    def windows(self) -> dict[int, list[str]]:
-        """Pack task (window) -> its shards, in shard order."""
-        out: dict[int, list[str]] = {}
-        for s in self.samples:
-            shards = out.setdefault(s.window, [])
-            if not shards or shards[-1] != s.shard:
-                shards.append(s.shard)
+            out.setdefault(s.window, []).append(s)
         return out
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(f"{s.key}|{s.identity}|{s.split}|{s.label}|{s.role}|{','.join(s.subsets)}|{s.shard}|"
-                     f"{s.position}|{s.window}\n".encode())
-        return h.hexdigest()[:16]
+        return samples_digest(self.samples)
+
+    def window_payload(self, window: int, samples: list[Planned], removed: set[str]) -> dict:
+        """What a pack task needs to re-derive its window's part of the plan from its inputs (plan_window):
+        per identity of the window its split, class id and subsets, the test samples that are queries, where the
+        window's shard numbers start, and the input shards' sizes planning checked. Per identity, not per
+        sample: the samples themselves are re-read from the clean and persons shards the task reads anyway."""
+        ins = self.inputs[window]
+        idents: dict[str, list] = {}
+        for s in samples:
+            idents.setdefault(s.identity, [s.split, s.class_id, s.subsets])
+        return {
+            "window": window,
+            "inputs": ins,
+            "first": self.first[window],
+            "identities": dict(sorted(idents.items())),
+            "queries": sorted(s.key for s in samples if s.role == "query"),
+            "removed": sorted(h for s in samples if (h := key_hash(s.key)) in removed) if removed else [],
+            "vouched": {k: {sid: sizes[sid] for sid in ins if sid in sizes} for k, sizes in sorted(self.verified.items())},
+            "digest": samples_digest(samples),
+        }
 
 
-def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, faces: str | Store) -> BundlePlan:
+def samples_digest(samples: list[Planned]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.key}|{s.identity}|{s.split}|{s.class_id}|{s.role}|{','.join(s.subsets)}|{s.shard}|"
+                 f"{s.position}|{s.window}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def shard_samples(cset: ShardSet, pset: ShardSet, sid: str, window: int) -> tuple[list[tuple[Planned, list]], int, int]:
+    """The kept samples of input shard `sid` (with their crop keypoints), its kept rows, and how many of those
+    have no persons row. The planner and each pack task derive a window's samples with this one function."""
+    sel = cset.read(sid, ["person_id", "identity", "kept"])
+    if sel is None:
+        raise StageError(f"clean shard {sid} of {cset.store} is not finished")
+    sel = sel.filter(pc.and_(pc.equal(sel.column("kept"), True), pc.is_valid(sel.column("identity"))))
+    if not sel.num_rows:
+        return [], 0, 0
+    ptab = pset.read(sid, ["person_id", "keypoints_crop"])
+    kps = dict(zip(ptab.column("person_id").to_pylist(), ptab.column("keypoints_crop").to_pylist())) if ptab else {}
+    out, missing = [], 0
+    for pid, ident in zip(sel.column("person_id").to_pylist(), sel.column("identity").to_pylist()):
+        kp = kps.get(pid)
+        if kp is None:
+            missing += 1
+            continue
+        out.append((Planned(sample_key(pid), pid, sid, ident, window=window), kp))
+    return out, sel.num_rows, missing
+
+
+def assign_window(samples: list[Planned], cfg: BundleConfig, first: dict[str, int]) -> list[Planned]:
+    """Order one window's samples (split, then sha256(seed:key)) and cut them into shards of
+    `samples_per_shard` numbered from `first[split]`; returns them in shard order (train first)."""
+    extension = get_writer(cfg.writer).extension
+    ordered: list[Planned] = []
+    for split in SPLITS:
+        part = sorted((s for s in samples if s.split == split),
+                      key=lambda s: hashlib.sha256(f"{cfg.seed}:{s.key}".encode()).hexdigest())
+        for i, s in enumerate(part):
+            s.shard = shard_file(split, first[split] + i // cfg.samples_per_shard, extension)
+            s.position = i % cfg.samples_per_shard
+        ordered.extend(part)
+    return ordered
+
+
+def shards_of(n_samples: int, cfg: BundleConfig) -> int:
+    return -(-n_samples // cfg.samples_per_shard)
+
+
+def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, faces: str | Store,
+               removed: set[str] | frozenset[str] = frozenset()) -> BundlePlan:
+    """The plan. `removed`: hashed keys of samples opted out (`_removed.json`): they keep their place in the
+    splits and shards (so every other sample keeps its shard and position) but add nothing to the centers."""
     cset, pset, fset = ShardSet(clean), ShardSet(persons), ShardSet(faces)
     clean_ids = cset.done_ids()
     if not clean_ids:
@@ -168,63 +224,76 @@ def build_plan(cfg: BundleConfig, clean: str | Store, persons: str | Store, face
     drops: Counter = Counter()
     rows_in = 0
     seen: dict[str, str] = {}
-    window_of = {sid: i // cfg.pack_window for i, sid in enumerate(clean_ids)}
-    for sid in clean_ids:
-        sel = cset.read(sid, ["person_id", "identity", "kept"])
-        assert sel is not None
-        sel = sel.filter(pc.and_(pc.equal(sel.column("kept"), True), pc.is_valid(sel.column("identity"))))
-        rows_in += sel.num_rows
-        if not sel.num_rows:
+    inputs: dict[int, list[str]] = {}
+    for i, sid in enumerate(clean_ids):
+        inputs.setdefault(i // cfg.pack_window, []).append(sid)
+        found, kept, missing = shard_samples(cset, pset, sid, i // cfg.pack_window)
+        rows_in += kept
+        if missing:
+            drops["missing_person"] += missing
+        if not found:
             continue
-        ptab = pset.read(sid, ["person_id", "keypoints_crop"])
         ftab = fset.read(sid, ["person_id", "feature", "feature_dim", "embedder"])
-        kps = dict(zip(ptab.column("person_id").to_pylist(), ptab.column("keypoints_crop").to_pylist())) if ptab else {}
         feats = {r["person_id"]: r for r in ftab.to_pylist()} if ftab is not None else {}
-        for pid, ident in zip(sel.column("person_id").to_pylist(), sel.column("identity").to_pylist()):
-            kp = kps.get(pid)
-            if kp is None:
-                drops["missing_person"] += 1
-                continue
-            key = sample_key(pid)
-            if key in seen:
-                raise StageError(f"two kept samples share the key '{key}' ({seen[key]} and {pid}): person ids "
-                                 "must be unique across the clean selection")
-            seen[key] = pid
-            samples.append(Planned(key, pid, sid, ident, window=window_of[sid]))
+        for s, kp in found:
+            if s.key in seen:
+                raise StageError(f"two kept samples share the key '{s.key}' ({seen[s.key]} and {s.person_id}): "
+                                 "person ids must be unique across the clean selection")
+            seen[s.key] = s.person_id
+            samples.append(s)
             hard.append(is_hard(kp[2::3]) if len(kp) == 51 else False)
-            f = feats.get(pid)
-            if f is not None:
+            f = feats.get(s.person_id)
+            if f is not None and not (removed and key_hash(s.key) in removed):
                 vec = np.frombuffer(f["feature"], dtype="<f2").astype(np.float32)
                 if vec.size == f["feature_dim"] and np.all(np.isfinite(vec)):
-                    old = centers.get(ident)
+                    old = centers.get(s.identity)
                     if old is None:
-                        centers[ident] = (vec.copy(), 1, f["embedder"])
+                        centers[s.identity] = (vec.copy(), 1, f["embedder"])
                     else:
-                        centers[ident] = (old[0] + vec, old[1] + 1, old[2])
-    splits = make_splits(
-        [s.identity for s in samples], [s.key for s in samples], hard,
-        test_identities=cfg.test_identities, seed=cfg.seed, min_hard=cfg.test_min_hard,
-        max_hard=cfg.test_max_hard, min_images=cfg.test_min_images, max_images=cfg.test_max_images,
-        query_fraction=cfg.query_fraction, frequent_fraction=cfg.frequent_fraction,
-        frequent_subsets=cfg.frequent_subsets, random_subsets=cfg.random_subsets,
-    )
+                        centers[s.identity] = (old[0] + vec, old[1] + 1, old[2])
+    splits = make_splits([s.identity for s in samples], [s.key for s in samples], hard, cfg)
+    by_window: dict[int, list[Planned]] = {}
     for s in samples:
         s.split = splits.split_of[s.identity]
-        s.label = splits.label_of[s.identity]
+        s.class_id = splits.class_of[s.identity]
         # "train" rather than null: JSON readers that infer one type per field (HF datasets) need a string.
         s.role = splits.role_of.get(s.key, "train")
         s.subsets = list(splits.subsets_of.get(s.identity, []))
+        by_window.setdefault(s.window, []).append(s)
+    # Shard numbers run on across windows: a window's first shard of a split follows the last window's.
     ordered: list[Planned] = []
-    for split in SPLITS:
-        part = [s for s in samples if s.split == split]
-        part.sort(key=lambda s: (s.window, hashlib.sha256(f"{cfg.seed}:{s.key}".encode()).hexdigest()))
-        n, i, window = -1, 0, None
-        for s in part:
-            if s.window != window or i == cfg.samples_per_shard:  # a new window starts a new shard
-                n, i, window = n + 1, 0, s.window
-            s.shard, s.position = shard_file(split, n), i
-            i += 1
+    first: dict[int, dict[str, int]] = {}
+    nxt = dict.fromkeys(SPLITS, 0)
+    for w in sorted(inputs):
+        first[w] = dict(nxt)
+        part = assign_window(by_window.get(w, []), cfg, nxt)
+        for split in SPLITS:
+            nxt[split] += shards_of(sum(1 for s in part if s.split == split), cfg)
         ordered.extend(part)
-    ordered.sort(key=lambda s: (s.window, s.split != "train", s.shard, s.position))
     return BundlePlan(ordered, splits, centers, rows_in, drops,
-                      verified={"persons": pset.verified(), "faces": fset.verified()})
+                      verified={"clean": cset.verified(), "persons": pset.verified(), "faces": fset.verified()},
+                      inputs=inputs, first=first)
+
+
+def plan_window(payload: dict, cfg: BundleConfig, clean: str | Store, persons: str | Store) -> list[Planned]:
+    """A pack task's window of the plan, re-derived from its inputs and its payload (BundlePlan.window_payload),
+    checked against the digest the planner computed: an input changed since planning is a clear error."""
+    vouched = payload["vouched"]
+    cset, pset = ShardSet(clean, vouched.get("clean")), ShardSet(persons, vouched.get("persons"))
+    idents, queries = payload["identities"], set(payload["queries"])
+    samples: list[Planned] = []
+    for sid in payload["inputs"]:
+        for s, _ in shard_samples(cset, pset, sid, payload["window"])[0]:
+            if s.identity not in idents:
+                raise StageError(f"bundle window {payload['window']}: identity {s.identity} of input shard {sid} "
+                                 "was not planned: the inputs changed during the run; run the bundle again")
+            s.split, s.class_id, subsets = idents[s.identity]
+            s.subsets = list(subsets)
+            s.role = "train" if s.split == "train" else ("query" if s.key in queries else "gallery")
+            samples.append(s)
+    ordered = assign_window(samples, cfg, dict(payload["first"]))
+    if samples_digest(ordered) != payload["digest"]:
+        raise StageError(f"bundle window {payload['window']}: its samples differ from the plan (the inputs changed "
+                         "during the run); run the bundle again")
+    removed = set(payload["removed"])
+    return [s for s in ordered if key_hash(s.key) not in removed] if removed else ordered

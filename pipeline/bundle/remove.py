@@ -13,18 +13,30 @@ stage over the same selection never writes them again, and nothing readable abou
 
 from __future__ import annotations
 
-import json
+import io
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.bundle.layout import center_matrix, key_hash, removed_hashes, summarize
-from pipeline.bundle.tarpack import iter_members, split_member_name, write_shard_atomic
+from pipeline.bundle.layout import (
+    CENTERS,
+    INDEX,
+    REMOVED,
+    center_matrix,
+    index_of,
+    key_hash,
+    parquet_bytes,
+    removed_hashes,
+    summarize,
+)
+from pipeline.bundle.store import Store, as_store
+from pipeline.bundle.writers import OutputWriter, writer_of
 from pipeline.config import BuildConfig
-from pipeline.shards import atomic_write_json, atomic_write_parquet, file_sha256
+from pipeline.shards import ROLLUP, DatasetDir, file_sha256
 from pipeline.stage import StageError
 from schemas.bundle import BUNDLE_CENTERS, BUNDLE_INDEX
 
@@ -72,7 +84,7 @@ def embed_largest_face(image: Path, cfg: BuildConfig) -> tuple[np.ndarray, str]:
     return np.asarray(stage.embedder.embed([crop])[0], np.float32), stage.embedder.name
 
 
-def match_face(out: Path, feature: np.ndarray, embedder: str, cfg: BuildConfig) -> set[str]:
+def match_face(out: str | Path | Store, feature: np.ndarray, embedder: str, cfg: BuildConfig) -> set[str]:
     from pipeline.clean.select import resolve_thresholds
 
     ids, centers, embedders = center_matrix(out)
@@ -89,19 +101,15 @@ def match_face(out: Path, feature: np.ndarray, embedder: str, cfg: BuildConfig) 
 
 def remove_subject(out: str | Path, *, name: str | None = None, url: str | None = None, face: str | Path | None = None,
                    cfg: BuildConfig | None = None, embed: EmbedFn | None = None) -> dict:
-    """Remove one subject; returns counts (samples, identities, shards rewritten/deleted), never names."""
-    from pipeline import storage
-
-    if not storage.is_local(str(out)):
-        raise StageError(f"{storage.display(str(out))}: `webbody remove` rewrites shards in place and works on local "
-                         "bundle folders only; sync the bundle to a local folder, remove, and sync it back")
-    out = Path(out)
+    """Remove one subject from a bundle (a local folder or an object-store URI); returns counts (samples,
+    identities, shards rewritten/deleted), never names."""
     if sum(x is not None for x in (name, url, face)) != 1:
         raise StageError("give exactly one of --name, --url, --face")
-    if not (out / "index.parquet").exists() or not (out / "stats.json").exists():
-        raise StageError(f"{out} is not a finished bundle (no index.parquet / stats.json)")
+    d, store = DatasetDir(out), as_store(str(out))
+    if not (d.has(INDEX) and d.has(ROLLUP)):
+        raise StageError(f"{d.uri} is not a finished bundle (no index.parquet / stats.json)")
     cfg = cfg or BuildConfig()
-    index = pq.read_table(out / "index.parquet").to_pylist()
+    index = pq.read_table(io.BytesIO(store.read_bytes(INDEX))).to_pylist()
     if name is not None:
         want = _norm_name(name)
         drop = [r for r in index if _norm_name(r["name"]) == want]
@@ -109,100 +117,118 @@ def remove_subject(out: str | Path, *, name: str | None = None, url: str | None 
         drop = [r for r in index if r["url"] == url.strip()]
     else:
         feature, embedder = (embed or (lambda p: embed_largest_face(p, cfg)))(Path(face))
-        idents = match_face(out, feature, embedder, cfg)
+        idents = match_face(store, feature, embedder, cfg)
         drop = [r for r in index if r["identity"] in idents]
     drop_keys = {r["key"] for r in drop}
     removed_ids = {r["identity"] for r in drop}
     # identities left with no sample at all vanish (and so does their center)
     gone_ids = {i for i in removed_ids if all(r["key"] in drop_keys for r in index if r["identity"] == i)}
-    stats = json.loads((out / "stats.json").read_text())
-    shards = sorted({r["shard"] for r in drop})
-    deleted = []
-    for shard in shards:
-        if not _rewrite_shard(out, shard, drop_keys, stats):
-            deleted.append(shard)
-    shard_stats = [json.loads((out / "_parts" / f"{s}.json").read_text()) for s in sorted(stats["shards"])
-                   if s not in deleted]
-    _update_centers(out, gone_ids, removed_ids - gone_ids, stats)
-    hashes = removed_hashes(out)
+    stats = d.read_json(ROLLUP)
+    if "tars" not in stats:
+        raise StageError(f"{d.uri} was written before the bundle ran on the executor contract (a `_parts/` folder): "
+                         "rebuild it with this version (`webbody stage bundle ... --overwrite`), then remove")
+    if not stats.get("complete") or stats.get("shards") != len(d.done_ids()):
+        raise StageError(f"{d.uri} has unfinished windows (a removal or a build was interrupted): run the bundle "
+                         "stage again to finish it (earlier opt-outs stay applied), then remove")
+    writer = writer_of(stats)
+    touched = {r["shard"] for r in drop}
+    windows = d.done_ids()
+    # The opt-out is recorded first: a rebuild after an interrupted removal never writes the subject again.
+    hashes = removed_hashes(store)
     hashes["keys"] |= {key_hash(k) for k in drop_keys}
     hashes["identities"] |= {key_hash(i) for i in gone_ids}
-    atomic_write_json(out / "_removed.json", {k: sorted(v) for k, v in hashes.items()})
+    requests = hashes.pop("requests") + 1
+    d.write_json(REMOVED, {**{k: sorted(v) for k, v in hashes.items()}, "requests": requests})
+    parts, tars, rewritten, deleted = [], {}, 0, 0
+    for sid in windows:
+        wstats = d.shard_stats(sid)
+        part = d.read_shard(sid)
+        if touched & set(wstats.get("tars", {})):
+            part, n_rewritten, n_deleted = _rewrite_window(d, store, writer, sid, part, wstats, drop_keys)
+            rewritten, deleted = rewritten + n_rewritten, deleted + n_deleted
+        parts.append(part)
+        tars.update(wstats.get("tars", {}))
+    index_t = index_of(parts)
+    _update_centers(store, writer, index_t, gone_ids, removed_ids - gone_ids)
     removals = stats.get("removals") or {"requests": 0, "samples": 0}
     removals = {"requests": removals["requests"] + 1, "samples": removals["samples"] + len(drop_keys)}
-    keep = {k: v for k, v in stats.items() if k not in ("rows_out", "drops", "identities", "splits", "shards", "bytes",
-                                                          "keypoints_outside_frame", "complete", "stage")}
-    keep["removals"] = removals
-    summarize(out, shard_stats, {**keep, "plan_drops": {}})
-    if (out / "report.html").exists():
+    keep = {k: v for k, v in stats.items() if k not in ("rows_out", "identities", "splits", "tars", "bytes",
+                                                          "keypoints_outside_frame")}
+    # Removed samples are not drops: the drop counts stay those of the build.
+    new = {**keep, **summarize(index_t, tars, {}), "drops": stats.get("drops", {}), "removals": removals}
+    d.put(INDEX, parquet_bytes(index_t))
+    d.write_json(ROLLUP, new)
+    if d.has("report.html"):
         from pipeline.bundle.report import write_report
 
-        write_report(out)
-    result = {"samples": len(drop_keys), "identities": len(gone_ids), "shards_rewritten": len(shards) - len(deleted),
-              "shards_deleted": len(deleted)}
+        write_report(str(out))
+    result = {"samples": len(drop_keys), "identities": len(gone_ids), "shards_rewritten": rewritten,
+              "shards_deleted": deleted}
     log.info("remove: %s", result)
     return result
 
 
-def _rewrite_shard(out: Path, shard: str, drop_keys: set[str], stats: dict) -> bool:
-    """Rewrite one shard without `drop_keys`; returns False (and deletes it) when nothing is left."""
-    path = out / shard
-    part = pq.read_table(out / "_parts" / f"{shard}.parquet").to_pylist()
-    kept_rows = [r for r in part if r["key"] not in drop_keys]
-    old = json.loads((out / "_parts" / f"{shard}.json").read_text())
-    if not kept_rows:
-        for p in (path, out / "_parts" / f"{shard}.parquet", out / "_parts" / f"{shard}.json"):
-            p.unlink(missing_ok=True)
-        stats["shards"].pop(shard, None)
-        return False
-    members: dict[str, list[tuple[str, bytes]]] = {}
-    for ti, data in iter_members(path):
-        key, ext = split_member_name(ti.name)
-        if key not in drop_keys:
-            members.setdefault(key, []).append((ext, data))
-    by_key = {r["key"]: r for r in kept_rows}
+def _rewrite_window(d: DatasetDir, store: Store, writer: OutputWriter, sid: str, part, wstats: dict,
+                    drop_keys: set[str]):
+    """Re-commit window `sid` without `drop_keys`: its touched shards rewritten (emptied ones deleted), its
+    index part, stats and marker after them, the contract's order (marker removed first, written last)."""
+    rows = part.to_pylist()
+    by_shard: dict[str, list[dict]] = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], []).append(r)
+    marker = d.read_marker(sid)
+    keep_files = dict(marker.get("files", {}))
+    tars = wstats["tars"]
+    new_rows: list[dict] = []
+    files: dict[str, Path] = {}
+    gone: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="webbody-remove-") as tmp:
+        for shard in sorted(tars):
+            shard_rows = sorted(by_shard.get(shard, []), key=lambda r: r["position"])
+            if not any(r["key"] in drop_keys for r in shard_rows):
+                new_rows += shard_rows
+                continue
+            kept = [r for r in shard_rows if r["key"] not in drop_keys]
+            keep_files.pop(shard, None)
+            if not kept:
+                gone.append(shard)
+                del tars[shard]
+                continue
+            src = Path(store.join(shard)) if store.local else Path(tmp) / f"in-{shard}"
+            if not store.local:
+                store.fs.get_file(store.join(shard), str(src))
+            dst = Path(tmp) / shard
+            new_rows += writer.rewrite(src, dst, kept)
+            files[shard] = dst
+            tars[shard].update(samples=len(kept), bytes=dst.stat().st_size, sha256=file_sha256(dst))
+        table = BUNDLE_INDEX.from_rows(new_rows) if new_rows else BUNDLE_INDEX.empty()
+        table = table.sort_by([("shard", "ascending"), ("position", "ascending")])
+        wstats.update(rows_out=table.num_rows, tars=tars)
+        d.delete([f"part-{sid}.done"])
+        d.delete(gone)
+        d.commit_shard(sid, table, wstats, files=files, had_marker=False, keep_files=keep_files)
+    return table, len(files), len(gone)
 
-    def fill(writer) -> list[dict]:
-        rows = []
-        for pos, r in enumerate(sorted(kept_rows, key=lambda r: r["position"])):
-            got = {ext: m for (ext, _), m in zip(members[r["key"]], writer.add(r["key"], members[r["key"]]))}
-            row = dict(by_key[r["key"]])
-            row.update(position=pos, offset=got["jpg"].offset, end=writer.offset,
-                       jpg_offset=got["jpg"].data_offset, json_offset=got["json"].data_offset)
-            if "face.npy" in got:
-                row["npy_offset"] = got["face.npy"].data_offset
-            rows.append(row)
-        return rows
 
-    rows = write_shard_atomic(path, fill)
-    atomic_write_parquet(out / "_parts" / f"{shard}.parquet", BUNDLE_INDEX.from_rows(rows))
-    old.update(samples=len(rows), bytes=path.stat().st_size, sha256=file_sha256(path))
-    atomic_write_json(out / "_parts" / f"{shard}.json", old)
-    return True
-
-
-def _update_centers(out: Path, gone: set[str], shrunk: set[str], stats: dict) -> None:
+def _update_centers(store: Store, writer: OutputWriter, index, gone: set[str], shrunk: set[str]) -> None:
     """Drop the centers of vanished identities; recompute shrunk ones from their remaining `.face.npy`."""
-    path = out / "centers.parquet"
-    if not path.exists():
+    if not store.exists(CENTERS):
         return
-    rows = [r for r in pq.read_table(path).to_pylist() if r["identity"] not in gone]
+    rows = [r for r in pq.read_table(io.BytesIO(store.read_bytes(CENTERS))).to_pylist() if r["identity"] not in gone]
     if shrunk:
-        import io
-
-        # the shards' parts hold the new offsets (index.parquet is rewritten after this)
-        index = [r for s in stats["shards"] for r in pq.read_table(out / "_parts" / f"{s}.parquet").to_pylist()]
+        samples_of: dict[str, list[dict]] = {}
+        for r in index.to_pylist():
+            if r["identity"] in shrunk and r["npy_offset"] is not None:
+                samples_of.setdefault(r["identity"], []).append(r)
         for row in rows:
             if row["identity"] not in shrunk:
                 continue
-            samples = [r for r in index if r["identity"] == row["identity"] and r["npy_offset"] is not None]
+            samples = samples_of.get(row["identity"], [])
             if not samples:
                 log.warning("remove: an identity lost samples and has no .face.npy to recompute its center")
                 continue
             total = np.zeros(row["dim"], np.float32)
             for r in samples:
-                with open(out / r["shard"], "rb") as fh:
-                    fh.seek(r["npy_offset"])
-                    total += np.load(io.BytesIO(fh.read(r["npy_size"]))).astype(np.float32)
+                total += np.load(io.BytesIO(writer.read_member(store, r, "face.npy"))).astype(np.float32)
             row.update(center=total.astype("<f4").tobytes(), count=len(samples))
-    atomic_write_parquet(path, BUNDLE_CENTERS.from_rows(rows) if rows else BUNDLE_CENTERS.empty())
+    store.write_parquet(CENTERS, BUNDLE_CENTERS.from_rows(rows) if rows else BUNDLE_CENTERS.empty())

@@ -107,7 +107,7 @@ def render_sample(person: dict[str, Any], face: dict[str, Any] | None, plan: dic
         face_score = _r(face["face_score"])
     meta: dict[str, Any] = {
         "key": plan["key"],
-        "class_id": int(plan["label"]),
+        "class_id": int(plan["class_id"]),
         "identity": plan["identity"],
         "name": person["name"],
         "split": plan["split"],

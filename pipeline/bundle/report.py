@@ -3,7 +3,7 @@
 No scripts and no network: charts are inline SVG, thumbnails are base64 JPEG data URIs, and a Content Security
 Policy forbids anything else, so the page renders the same from a laptop, a CI artifact or a Prefect link.
 Everything comes from stats.json and index.parquet; gallery images are read straight from the shards at the
-indexed offsets (no tar scan).
+indexed offsets, through the bundle's output writer (no scan of a shard).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import listed_tars
 from pipeline.bundle.store import Store, as_store
+from pipeline.bundle.writers import OutputWriter, writer_of
 from pipeline.shards import atomic_write_bytes
 
 KEPT = "#2f6fdf"
@@ -155,8 +157,10 @@ def draw_thumbnail(jpg: bytes, meta: dict, size: int = 128) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
 
 
-def galleries(bundle: str | Path | Store, index: list[dict], max_identities: int = 12, per_identity: int = 8) -> str:
+def galleries(bundle: str | Path | Store, index: list[dict], max_identities: int = 12, per_identity: int = 8,
+              writer: OutputWriter | None = None) -> str:
     store = as_store(bundle)
+    writer = writer or writer_of(None)
     by_id: dict[str, list[dict]] = {}
     for r in index:
         by_id.setdefault(r["identity"], []).append(r)
@@ -166,8 +170,8 @@ def galleries(bundle: str | Path | Store, index: list[dict], max_identities: int
         rows = sorted(by_id[ident], key=lambda r: r["key"])[:per_identity]
         figs = []
         for r in rows:
-            jpg = store.read_range(r["shard"], r["jpg_offset"], r["jpg_size"])  # ranged reads, not whole shards
-            meta = json.loads(store.read_range(r["shard"], r["json_offset"], r["json_size"]))
+            jpg = writer.read_member(store, r, "jpg")  # ranged reads by the index, not whole shards
+            meta = json.loads(writer.read_member(store, r, "json"))
             figs.append(f'<figure><img src="{draw_thumbnail(jpg, meta)}" alt="{_e(r["key"])}">'
                         f'<figcaption>{_e(r["role"])}</figcaption></figure>')
         first = rows[0]
@@ -200,14 +204,14 @@ def render_report(bundle: str | Path | Store, build_root: str | Path | Store | N
     kp, kpn = keypoint_charts(index)
     cards = "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in [
         ("samples", stats.get("rows_out")), ("identities", stats.get("identities")),
-        ("shards", len(stats.get("shards", {}))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
+        ("shards", len(listed_tars(stats))), ("MB", round(stats.get("bytes", 0) / 1e6, 1)),
         ("removed (opt-out)", (stats.get("removals") or {}).get("samples", 0))])
     meta = (f"pipeline {_e(stats.get('pipeline_version'))} &middot; config {_e(stats.get('config_hash'))} &middot; "
             f"image {_e(stats.get('image_size'))} px")
     page = Template((Path(__file__).parent / "report.html").read_text()).substitute(
         title=_e(bundle.parent().uri.rstrip("/").rsplit("/", 1)[-1] or bundle.uri), meta=meta, cards=cards, funnel_chart=chart,
         funnel_legend=legend, funnel_table=table, split_table=split_table(stats), ipi_chart=images_per_identity(index),
-        kp_chart=kp, kpn_chart=kpn, galleries=galleries(bundle, index))
+        kp_chart=kp, kpn_chart=kpn, galleries=galleries(bundle, index, writer=writer_of(stats)))
     return page
 
 
@@ -226,11 +230,12 @@ def write_report(bundle: str | Path, build_root: str | Path | None = None,
 
 
 def report_main(bundle: str | Path, output: str | Path | None = None) -> int:
-    bundle = Path(bundle)
+    store = as_store(str(bundle))
+    files = store.listing()
     for need in ("stats.json", "index.parquet"):
-        if not (bundle / need).exists():
-            print(f"error: {bundle / need} not found: is {bundle} a bundle directory?")
+        if need not in files:
+            print(f"error: {store.url(need)} not found: is {bundle} a bundle directory?")
             return 2
-    path = write_report(bundle, output=output)
+    path = write_report(str(bundle), output=output)
     print(f"report: {path}")
     return 0

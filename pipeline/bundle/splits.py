@@ -5,7 +5,7 @@ The official recipe (S: tasks/WebBody/j_make_split_face_body/make_subset_config.
   partial face (not all of keypoints 0..4 visible). Visible = keypoint confidence >= KEYPOINT_VISIBLE
   (the official code tested coordinates > 0; we keep the pose model's confidence, see schemas/sample.py).
 - An identity is eligible for test when min_hard < #hard < max_hard and min_images < #images < max_images
-  (30/70/30/150 by default); `test_identities` of the eligible ones are drawn without replacement. If fewer
+  (30/70/30/150 by default: `BundleConfig`, pipeline/config.py, holds every default of this module); `test_identities` of the eligible ones are drawn without replacement. If fewer
   are eligible, all of them are taken and the shortfall is reported in stats.json (never silently).
 - Train = every other identity. "Frequent" = the top `frequent_fraction` (0.48) of training identities by
   image count (ties by identity id). Subsets: "12m" = random 70 % of frequent, "4m" = random 25 % of
@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.config import BundleConfig
 from schemas.sample import KEYPOINT_VISIBLE
 
 LOWER_BODY = range(10, 17)
-OFFICIAL_FREQUENT_SUBSETS = {"12m": 0.70, "4m": 0.25}
-OFFICIAL_RANDOM_SUBSETS = {"4m_random": 0.23}
 FACE_POINTS = range(0, 5)
 
 
@@ -49,18 +48,21 @@ def is_hard(conf: list[float]) -> bool:
 @dataclass
 class SplitPlan:
     split_of: dict[str, str]  # identity -> "train" | "test"
-    label_of: dict[str, int]  # identity -> contiguous label within its split
+    class_of: dict[str, int]  # identity -> contiguous class id within its split
     role_of: dict[str, str]  # test sample key -> "query" | "gallery"
     subsets_of: dict[str, list[str]]  # train identity -> subset names
     stats: dict = field(default_factory=dict)
 
 
-def make_splits(identities: list[str], keys: list[str], hard: list[bool], *, test_identities: int,
-                seed: int, min_hard: int = 30, max_hard: int = 70, min_images: int = 30,
-                max_images: int = 150, query_fraction: float = 0.25, frequent_fraction: float = 0.48,
-                frequent_subsets: dict[str, float] | None = None,
-                random_subsets: dict[str, float] | None = None) -> SplitPlan:
-    """`identities`, `keys`, `hard` are parallel, one entry per kept sample."""
+def make_splits(identities: list[str], keys: list[str], hard: list[bool], rule: BundleConfig | None = None,
+                ) -> SplitPlan:
+    """`identities`, `keys`, `hard` are parallel, one entry per kept sample. `rule`: the bundle config's split
+    fields (`test_*`, `seed`, `query_fraction`, `frequent_*`, `random_subsets`); their defaults, the official
+    recipe's, are set once, in pipeline/config.py (`BundleConfig`)."""
+    r = rule or BundleConfig()
+    test_identities, seed, query_fraction, frequent_fraction = (r.test_identities, r.seed, r.query_fraction,
+                                                                r.frequent_fraction)
+    min_hard, max_hard, min_images, max_images = r.test_min_hard, r.test_max_hard, r.test_min_images, r.test_max_images
     samples: dict[str, list[tuple[str, bool]]] = defaultdict(list)
     for ident, key, h in zip(identities, keys, hard):
         samples[ident].append((key, bool(h)))
@@ -93,11 +95,7 @@ def make_splits(identities: list[str], keys: list[str], hard: list[bool], *, tes
     frequent = sorted(by_count[: int(frequent_fraction * len(train))])
     subsets_of: dict[str, list[str]] = {i: [] for i in train}
     subset_sizes: dict[str, int] = {}
-    if frequent_subsets is None:
-        frequent_subsets = dict(OFFICIAL_FREQUENT_SUBSETS)
-    if random_subsets is None:
-        random_subsets = dict(OFFICIAL_RANDOM_SUBSETS)
-    for pool, specs in ((frequent, frequent_subsets), (train, random_subsets)):
+    for pool, specs in ((frequent, r.frequent_subsets), (train, r.random_subsets)):
         for name in sorted(specs):
             n = int(specs[name] * len(pool))
             chosen = rng.choice(len(pool), size=n, replace=False) if n else []
@@ -107,8 +105,8 @@ def make_splits(identities: list[str], keys: list[str], hard: list[bool], *, tes
     for names in subsets_of.values():
         names.sort()
 
-    label_of = {i: n for n, i in enumerate(train)}
-    label_of.update({i: n for n, i in enumerate(test)})
+    class_of = {i: n for n, i in enumerate(train)}
+    class_of.update({i: n for n, i in enumerate(test)})
     split_of = {i: "train" for i in train}
     split_of.update({i: "test" for i in test})
     stats = {
@@ -122,4 +120,4 @@ def make_splits(identities: list[str], keys: list[str], hard: list[bool], *, tes
         "queries": sum(1 for r in role_of.values() if r == "query"),
         "gallery": sum(1 for r in role_of.values() if r == "gallery"),
     }
-    return SplitPlan(split_of, label_of, role_of, subsets_of, stats)
+    return SplitPlan(split_of, class_of, role_of, subsets_of, stats)

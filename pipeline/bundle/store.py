@@ -18,7 +18,7 @@ import json
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -155,10 +155,6 @@ class Store:
             # The same fixed writer options as pipeline.shards: same rows -> byte-identical file.
             pq.write_table(table, fh, compression="zstd", use_dictionary=True, write_statistics=True)
 
-    def write_with(self, name: str, fill: Callable[[IO[bytes]], Any]) -> Any:
-        with self.atomic_writer(name) as fh:
-            return fill(fh)
-
 
 @contextlib.contextmanager
 def local_folder(root: str | os.PathLike | Store) -> Iterator[Path]:
@@ -169,12 +165,8 @@ def local_folder(root: str | os.PathLike | Store) -> Iterator[Path]:
         yield Path(store.path)
         return
     with tempfile.TemporaryDirectory(prefix="webbody-mirror-") as tmp:
-        for sub in ("", "_parts"):
-            for name in store.listing(sub):
-                rel = f"{sub}/{name}" if sub else name
-                dst = Path(tmp) / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                store.fs.get_file(store.join(rel), str(dst))
+        for name in store.listing():
+            store.fs.get_file(store.join(name), str(Path(tmp) / name))
         yield Path(tmp)
 
 

@@ -1,4 +1,5 @@
-"""Deterministic tar writing with member offsets, and tar reading for verify/remove.
+"""The WebDataset output writer (the default, `bundle.writer: webdataset`): deterministic tar writing with
+member offsets, and tar reading for verify/remove (through the interface of pipeline/bundle/writers.py).
 
 Why not `webdataset.TarWriter`: the index needs each member's header and data offsets, which it does not
 expose. Every header field that could vary between runs (mtime, uid, gid, uname, gname, mode, format) is
@@ -19,19 +20,13 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
+
+from pipeline.bundle.writers import Member, OutputWriter, ShardReadError, StoredMember, register_writer
 
 FIXED_MTIME = 0
 FIXED_MODE = 0o444
 TAR_FORMAT = tarfile.USTAR_FORMAT  # plain 512-byte headers; every reader understands them
-
-
-class Member(NamedTuple):  # a NamedTuple: built three times per sample, it must be cheap
-    name: str
-    offset: int  # header start
-    data_offset: int
-    size: int
-    sha256: str
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
@@ -151,3 +146,22 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb") as fh:
         fh.seek(offset)
         return fh.read(size)
+
+
+@register_writer("webdataset")
+class WebDatasetWriter(OutputWriter):
+    """WebDataset tar shards: a sample's members are consecutive tar entries named `<key>.<ext>`."""
+
+    extension = "tar"
+    file_kind = "tar"
+
+    def sink(self, fh: BinaryIO) -> ShardWriter:
+        return ShardWriter(fh)
+
+    def iter_members(self, path: Path) -> Iterator[StoredMember]:
+        try:
+            for ti, data in iter_members(path):
+                key, ext = split_member_name(ti.name)
+                yield StoredMember(key, ext, data, ti.offset_data, ti.size)
+        except (tarfile.TarError, EOFError) as exc:
+            raise ShardReadError(str(exc) or type(exc).__name__) from exc

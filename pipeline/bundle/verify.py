@@ -3,8 +3,9 @@
 Checks, each reported with the shard, the key and the member it concerns:
 - the files: index.parquet (schema), stats.json, exactly the shards stats.json lists (none missing, none
   stray), each with the size and sha256 it lists;
-- every tar parses to the end; a sample's members are contiguous and exactly those the index lists
-  (`.jpg`, `.json`, `.face.npy` when indexed), at the indexed data offsets and sizes, with the indexed sha256;
+- every shard parses to the end (read through the bundle's output writer, pipeline/bundle/writers.py); a
+  sample's members are contiguous and exactly those the index lists (`.jpg`, `.json`, `.face.npy` when
+  indexed), at the indexed data offsets and sizes, with the indexed sha256;
 - the image decodes to image_size x image_size; the record parses, passes `schemas.sample.validate_sample`
   (keypoint count, visibility in [0, 1], visible points inside the frame, boxes ordered), names the same
   key/class_id/split/identity as the index, and its keypoint visibility matches the index's mask;
@@ -18,7 +19,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,11 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.bundle.layout import listed_tars
 from pipeline.bundle.render import visible_mask
-from pipeline.bundle.tarpack import iter_members, split_member_name
+from pipeline.bundle.writers import OutputWriter, ShardReadError, StoredMember, writer_of
 from pipeline.shards import file_sha256
+from pipeline.stage import StageError
 from schemas.base import SchemaError
 from schemas.bundle import BUNDLE_INDEX
 from schemas.sample import validate_sample
@@ -78,9 +80,13 @@ def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]
     problems, stats, index = _load(root)
     if stats is None or index is None:
         return problems
+    try:
+        writer = writer_of(stats)
+    except StageError as exc:
+        return [*problems, Problem("stats.json", str(exc))]
     size = int(stats.get("image_size", 384))
-    listed: dict[str, dict] = stats.get("shards", {})
-    on_disk = {p.name for p in root.glob("webbody-*.tar")}
+    listed = listed_tars(stats)
+    on_disk = {p.name for p in root.iterdir() if writer.is_shard(p.name)}
     for name in sorted(on_disk - set(listed)):
         problems.append(Problem(name, "shard on disk but not in stats.json (stray or renamed file)"))
     for name in sorted(set(listed) - on_disk):
@@ -96,7 +102,7 @@ def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]
         problems.append(Problem("index.parquet", f"rows point at shard {shard}, which stats.json does not list"))
     for shard in sorted(set(listed) & on_disk):
         problems += verify_shard(root / shard, sorted(rows_by_shard.get(shard, []), key=lambda r: r["position"]),
-                                 listed[shard], size, decode_images)
+                                 listed[shard], size, decode_images, writer)
     if stats.get("rows_out") != len(index):
         problems.append(Problem("stats.json", f"rows_out {stats.get('rows_out')} but the index has {len(index)} rows"))
     for split, info in (stats.get("splits") or {}).items():
@@ -106,7 +112,10 @@ def verify_bundle(root: str | Path, decode_images: bool = True) -> list[Problem]
     return problems
 
 
-def verify_shard(path: Path, rows: list[dict], listed: dict, size: int, decode_images: bool = True) -> list[Problem]:
+def verify_shard(path: Path, rows: list[dict], listed: dict, size: int, decode_images: bool = True,
+                 writer: OutputWriter | None = None) -> list[Problem]:
+    writer = writer or writer_of(None)
+    kind = writer.kind
     shard = path.name
     problems: list[Problem] = []
     actual_bytes = path.stat().st_size
@@ -115,34 +124,36 @@ def verify_shard(path: Path, rows: list[dict], listed: dict, size: int, decode_i
                                        "or appended)"))
     by_key = {r["key"]: r for r in rows}
     seen: list[str] = []
-    members: dict[str, dict[str, tuple[tarfile.TarInfo, bytes]]] = {}
+    members: dict[str, dict[str, StoredMember]] = {}
+    unreadable = False
     try:
-        for ti, data in iter_members(path):
-            key, ext = split_member_name(ti.name)
-            if not seen or seen[-1] != key:
-                if key in members:
-                    problems.append(Problem(shard, f"{key}: members not contiguous ({ti.name} after another key)"))
-                seen.append(key)
-            members.setdefault(key, {})[ext] = (ti, data)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        for m in writer.iter_members(path):
+            if not seen or seen[-1] != m.key:
+                if m.key in members:
+                    problems.append(Problem(shard, f"{m.key}: members not contiguous ({m.key}.{m.ext} after another "
+                                                   "key)"))
+                seen.append(m.key)
+            members.setdefault(m.key, {})[m.ext] = m
+    except (ShardReadError, OSError) as exc:
+        unreadable = True
         where = f"after member {seen[-1]}" if seen else "at the start"
-        problems.append(Problem(shard, f"tar unreadable {where}: {exc}"))
+        problems.append(Problem(shard, f"{kind} unreadable {where}: {exc}"))
     for key in seen:
         if key not in by_key:
-            problems.append(Problem(shard, f"{key}: in the tar but not in the index"))
+            problems.append(Problem(shard, f"{key}: in the {kind} but not in the index"))
     for r in rows:
         got = members.get(r["key"])
         if got is None:
-            problems.append(Problem(shard, f"{r['key']}: in the index but missing from the tar"))
+            problems.append(Problem(shard, f"{r['key']}: in the index but missing from the {kind}"))
             continue
         problems += _check_sample(shard, r, got, size, decode_images)
     if listed.get("samples") != len(rows):
         problems.append(Problem(shard, f"stats.json lists {listed.get('samples')} samples, index has {len(rows)}"))
-    if len(seen) != len(rows) and not any("tar unreadable" in p.message for p in problems):
-        problems.append(Problem(shard, f"tar holds {len(seen)} samples, index has {len(rows)}"))
+    if len(seen) != len(rows) and not unreadable:
+        problems.append(Problem(shard, f"{kind} holds {len(seen)} samples, index has {len(rows)}"))
     if not problems and file_sha256(path) != listed.get("sha256"):
-        problems.append(Problem(shard, "sha256 differs from stats.json although every member matches: a tar header "
-                                       "or padding byte changed"))
+        problems.append(Problem(shard, f"sha256 differs from stats.json although every member matches: a {kind} "
+                                       "header or padding byte changed"))
     return problems
 
 
@@ -158,23 +169,23 @@ def _check_sample(shard: str, r: dict, got: dict, size: int, decode_images: bool
         if ext not in got:
             out.append(Problem(shard, f"{key}.{ext}: member missing"))
             continue
-        ti, data = got[ext]
-        if ti.offset_data != r[off_col] or ti.size != r[size_col]:
-            out.append(Problem(shard, f"{key}.{ext}: at offset {ti.offset_data} size {ti.size}, index says "
+        m = got[ext]
+        if m.data_offset != r[off_col] or m.size != r[size_col]:
+            out.append(Problem(shard, f"{key}.{ext}: at offset {m.data_offset} size {m.size}, index says "
                                       f"{r[off_col]} size {r[size_col]}"))
-        if hashlib.sha256(data).hexdigest() != r[sha_col]:
+        if hashlib.sha256(m.data).hexdigest() != r[sha_col]:
             out.append(Problem(shard, f"{key}.{ext}: sha256 mismatch (content changed)"))
     if "jpg" in got and decode_images:
-        img = cv2.imdecode(np.frombuffer(got["jpg"][1], np.uint8), cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.frombuffer(got["jpg"].data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             out.append(Problem(shard, f"{key}.jpg: does not decode"))
         elif img.shape[:2] != (size, size):
             out.append(Problem(shard, f"{key}.jpg: {img.shape[1]}x{img.shape[0]}, expected {size}x{size}"))
     if "json" in got:
-        out += _check_record(shard, r, got["json"][1], size)
+        out += _check_record(shard, r, got["json"].data, size)
     if "face.npy" in got:
         try:
-            arr = np.load(io.BytesIO(got["face.npy"][1]), allow_pickle=False)
+            arr = np.load(io.BytesIO(got["face.npy"].data), allow_pickle=False)
             if arr.ndim != 1 or not np.all(np.isfinite(arr)):
                 out.append(Problem(shard, f"{key}.face.npy: not a finite 1-D feature"))
         except ValueError as exc:
@@ -206,8 +217,13 @@ def _check_record(shard: str, r: dict, data: bytes, size: int) -> list[Problem]:
 
 
 def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> int:
-    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise, 2 if DIR is not a directory."""
-    if not Path(root).is_dir():
+    """CLI body: 0 when intact, 1 with one line per problem on stderr otherwise, 2 if DIR is not a directory
+    (or, on an object store, holds no object)."""
+    from pipeline import storage
+    from pipeline.bundle.store import as_store
+
+    local = storage.is_local(str(root))
+    if (local and not Path(root).is_dir()) or (not local and not as_store(str(root)).listing()):
         print(f"error: {root} is not a directory (give a bundle directory, <build>/bundle)", file=sys.stderr)
         return 2
     problems = verify_bundle(root)
@@ -219,6 +235,6 @@ def verify_main(root: str | Path, quiet: bool = False, max_lines: int = 50) -> i
         print(f"{len(problems)} problem(s) in {root}", file=sys.stderr)
         return 1
     if not quiet:
-        stats = json.loads((Path(root) / "stats.json").read_text())
-        print(f"ok: {len(stats['shards'])} shards, {stats['rows_out']} samples verified in {root}")
+        stats = as_store(str(root)).read_json("stats.json")
+        print(f"ok: {len(listed_tars(stats))} shards, {stats['rows_out']} samples verified in {root}")
     return 0

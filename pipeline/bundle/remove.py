@@ -53,35 +53,21 @@ def embed_largest_face(image: Path, cfg: BuildConfig) -> tuple[np.ndarray, str]:
     """Detect and embed the largest face of a photo with the faces stage's configured models."""
     import cv2
 
-    from pipeline.faces.align import (
-        AlignError,
-        pad_to_square,
-        similarity_to_template,
-        transform_points,
-        warp_face,
-    )
-    from pipeline.faces.embedders import FaceCrop
+    from pipeline.faces.photos import photo_faces
     from pipeline.faces.stage import FacesStage
 
     bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
     if bgr is None:
         raise StageError(f"{image}: not a readable image")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     stage = FacesStage(cfg.faces)
     stage.ensure_setup()
-    square, left, top = pad_to_square(rgb, value=0)
-    dets = stage.detector.detect_batch([square], max_faces=None, score_threshold=0.5)[0]
-    if not dets:
+    found = photo_faces(stage.detector, stage.embedder, [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], pick="largest",
+                        score_threshold=0.5)[0]
+    if found.reason == "no_face":
         raise StageError(f"{image}: no face found; try a clearer photo, or --name / --url")
-    det = max(dets, key=lambda d: float(np.prod(d.box[2:] - d.box[:2])))
-    try:
-        matrix = similarity_to_template(det.landmarks)
-    except AlignError as exc:
-        raise StageError(f"{image}: the face could not be aligned ({exc})") from exc
-    offset = np.array([-left, -top], np.float32)
-    crop = FaceCrop(warp_face(square, matrix), transform_points(det.landmarks, matrix), rgb,
-                    (det.box.reshape(2, 2) + offset).reshape(4))
-    return np.asarray(stage.embedder.embed([crop])[0], np.float32), stage.embedder.name
+    if found.feature is None:
+        raise StageError(f"{image}: the face could not be aligned ({found.error})")
+    return found.feature, stage.embedder.name
 
 
 def match_face(out: str | Path | Store, feature: np.ndarray, embedder: str, cfg: BuildConfig) -> set[str]:

@@ -155,7 +155,10 @@ from pipeline.download.i2d import module
 module("downloader")
 import pipeline.download.worker
 print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
-                  "torch_imported": "torch" in sys.modules, "webdataset_imported": "webdataset" in sys.modules}))
+                  "torch_imported": "torch" in sys.modules, "webdataset_imported": "webdataset" in sys.modules,
+                  # bound but not loaded (pipeline/download/i2d.py): a loaded library has its submodules
+                  "albumentations_loaded": "albumentations.core" in sys.modules,
+                  "wandb_loaded": "wandb.sdk" in sys.modules}))
 """
 
 

@@ -26,6 +26,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,17 +35,11 @@ from pipeline.config import BuildConfig, DownloadConfig, hashed_dump
 from pipeline.download.errors import RETRYABLE
 from pipeline.rollup import write_rollup
 from pipeline.shards import ROLLUP, DatasetDir
-from pipeline.stage import (
-    FinishResult,
-    PlanContext,
-    PlannedStage,
-    StageError,
-    UnitContext,
-    UnitResult,
-    WorkUnit,
-    config_hash,
-)
+from pipeline.stage import FinishResult, PlannedStage, StageError, UnitResult, WorkUnit, config_hash
 from schemas.tables import DOWNLOAD, MANIFEST
+
+if TYPE_CHECKING:  # annotations only
+    from pipeline.stage import PlanContext, UnitContext
 
 log = logging.getLogger(__name__)
 

@@ -183,13 +183,15 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
         else:
             ukeys[url] = f"u{len(ukeys):09d}"  # in manifest order: the same keys on every attempt
     by_key = {k: u for u, k in ukeys.items()}
+    notes: Counter = Counter()
     if cfg.retry_failed:
-        outcomes, fetch_s = _first_pass_and_retries(cfg, by_key)
+        outcomes, fetch_s, skipped = _first_pass_and_retries(cfg, by_key, retry_deadline(cfg))
+        if skipped:
+            notes["retry_skipped_time_limit"] = skipped
     else:
         outcomes, fetch_s = fetch_urls(cfg, list(by_key.items()))
     out_rows: list[dict] = []
     drops: Counter = Counter()
-    notes: Counter = Counter()
     seen: set[str] = set()
     for r in rows.select(["sample_id", "label", "name", "url"]).to_pylist():
         key = ukeys.get(r["url"])
@@ -230,10 +232,23 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
     return table, stats
 
 
-def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str]) -> tuple[dict[str, Fetched], float]:
+def retry_deadline(cfg: DownloadConfig, now: float | None = None) -> float:
+    """The `time.monotonic()` after which a shard task starts no more retries: the task's time limit
+    (`download.task_timeout`, counted from now, the start of the shard's fetching) less one retry's worst
+    case (`timeout x (retries + 1)`) and 5 % for the commit. A retry begun later could push the task past
+    its limit, where the executor cancels it and runs the whole shard again (and, after its lost-task
+    limit, fails the stage): the shard rather commits with those rows' first-attempt status (counted in
+    `notes.retry_skipped_time_limit`; `webbody retry-downloads` re-fetches them later)."""
+    start = time.monotonic() if now is None else now
+    return start + cfg.task_timeout * 0.95 - cfg.timeout * (cfg.retries + 1)
+
+
+def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str],
+                            deadline: float = float("inf")) -> tuple[dict[str, Fetched], float, int]:
     """Every URL once, and once more each whose first attempt failed for a transient reason (or gave no
     result), the retries overlapping the first pass; returns the outcomes (a retry's replaces the first,
-    `attempts=2`) and the seconds img2dataset spent fetching (first pass and retries summed).
+    `attempts=2`), the seconds img2dataset spent fetching (first pass and retries summed) and how many
+    retries were not started because `deadline` (`retry_deadline`) had passed.
 
     Why not a second pass after the first (as before): a shard's first pass lasts as long as its slowest
     URLs (a stalling host holds a thread for the whole `timeout`, `retries + 1` times), and a retry pass
@@ -247,6 +262,7 @@ def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str]) -> tupl
     failed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
     retried: dict[str, Fetched] = {}
     retry_s = [0.0]
+    skipped = [0]
     trouble: list[BaseException] = []
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(RETRY_BATCHES)
@@ -280,6 +296,9 @@ def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str]) -> tupl
                     break
             finished = None in batch
             keys = [k for k in batch if k is not None]
+            if keys and time.monotonic() > deadline:
+                skipped[0] += len(keys)
+                keys = []
             if not keys or trouble:
                 slots.release()
                 continue
@@ -305,7 +324,7 @@ def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str]) -> tupl
     for k, o in retried.items():
         o.attempts = 2
         first[k] = o
-    return first, first_s + retry_s[0]
+    return first, first_s + retry_s[0], skipped[0]
 
 
 def failed_shard(rows: pa.Table, shard_id: str, code: str, error: str) -> tuple[pa.Table, dict]:

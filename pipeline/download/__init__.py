@@ -6,7 +6,8 @@ shards: manifest shard NNNNN becomes download shard NNNNN, one row per manifest 
 
 - `plan`: one `WorkUnit` per finished manifest shard (ids only);
 - `run_unit` (on any worker): read the manifest shard, `fetch.download_shard` (pre-check, img2dataset's
-  per-shard Downloader with our resizer, retry pass), return the table and its counts.
+  per-shard Downloader with our resizer, retries of transient failures beside the first pass), return
+  the table and its counts.
 
 The executor does everything else: claims the output, runs the units (Ray: one task per shard, as many in
 flight as the cluster has CPUs, a time limit per task, resubmission of lost or timed-out tasks; local:

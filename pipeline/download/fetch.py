@@ -232,15 +232,14 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
     return table, stats
 
 
-def retry_deadline(cfg: DownloadConfig, now: float | None = None) -> float:
+def retry_deadline(cfg: DownloadConfig) -> float:
     """The `time.monotonic()` after which a shard task starts no more retries: the task's time limit
     (`download.task_timeout`, counted from now, the start of the shard's fetching) less one retry's worst
     case (`timeout x (retries + 1)`) and 5 % for the commit. A retry begun later could push the task past
     its limit, where the executor cancels it and runs the whole shard again (and, after its lost-task
     limit, fails the stage): the shard rather commits with those rows' first-attempt status (counted in
     `notes.retry_skipped_time_limit`; `webbody retry-downloads` re-fetches them later)."""
-    start = time.monotonic() if now is None else now
-    return start + cfg.task_timeout * 0.95 - cfg.timeout * (cfg.retries + 1)
+    return time.monotonic() + cfg.task_timeout * 0.95 - cfg.timeout * (cfg.retries + 1)
 
 
 def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str],

@@ -83,14 +83,14 @@ def test_no_retry_starts_past_the_task_time_limit():
     """A retry that could push the shard's task past `download.task_timeout` is not started: the row keeps
     its first status and is counted (the executor would otherwise cancel the task and redo the shard)."""
     body = jpeg(64, 48)
-    routes = {"/ok.jpg": Route(200, JPEG, body), "/stall.jpg": Route(200, JPEG, body, delay=6.0)}
+    routes = {"/ok.jpg": Route(200, JPEG, body), "/stall.jpg": Route(200, JPEG, body, delay=8.0)}
     with serving(routes) as s:
         names = ["ok", "stall"]
         rows = pa.table({"sample_id": ["s0", "s1"], "label": names, "name": names,
                          "url": [f"{s.base_url}/{n}.jpg" for n in names]})
-        # retries start until 3 x 0.95 - 2 = 0.85 s after the shard began; /stall.jpg fails at 2 s at the earliest
-        cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=2, timeout=2, retries=0,
-                             task_timeout=3)
+        # retries start until 5 x 0.95 - 4 = 0.75 s after the shard began; /stall.jpg fails at 4 s at the earliest
+        cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=2, timeout=4, retries=0,
+                             task_timeout=5)
         table, stats = download_shard(rows, cfg, "00000")
         hits = dict(s.hits)
     assert table.column("status").to_pylist() == ["success", "timeout"]

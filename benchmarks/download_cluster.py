@@ -5,8 +5,8 @@
 A `ray.cluster_utils.Cluster`: head with num_cpus=0, 3 worker nodes x 2 CPUs, 300 MB object stores. A
 loopback HTTP server (its own process, so the driver's memory is the driver's) serves `--images` URLs of
 64 distinct JPEGs (300-900 px): 5 % stall past the client timeout (`--timeout`, answered after timeout +
-3 s), 5 % answer 503 then 200 (recovered by the stage's retry pass), the rest 200. img2dataset retries 0,
-retry pass on, 16 threads per task; the stage runs on the contract's Ray executor (one task per manifest
+3 s), 5 % answer 503 then 200 (recovered by the stage's retry of transient failures), the rest 200.
+img2dataset retries 0, the stage's retries on, 16 threads per task; the stage runs on the contract's Ray executor (one task per manifest
 shard).
 
 Measured (figures in benchmarks/results/download_cluster.json):
@@ -155,7 +155,10 @@ from pipeline.download.i2d import module
 module("downloader")
 import pipeline.download.worker
 print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
-                  "torch_imported": "torch" in sys.modules, "webdataset_imported": "webdataset" in sys.modules}))
+                  "torch_imported": "torch" in sys.modules, "webdataset_imported": "webdataset" in sys.modules,
+                  # bound but not loaded (pipeline/download/i2d.py): a loaded library has its submodules
+                  "albumentations_loaded": "albumentations.core" in sys.modules,
+                  "wandb_loaded": "wandb.sdk" in sys.modules}))
 """
 
 

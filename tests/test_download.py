@@ -474,7 +474,8 @@ def test_response_bodies_are_capped():
 
 def test_download_workers_do_not_import_torch():
     """img2dataset's package __init__ imports torch (main -> writer -> webdataset); a download worker loads
-    only its downloader and resizer modules (pipeline/download/i2d.py), and the package API still works."""
+    only its downloader and resizer modules (pipeline/download/i2d.py), and the package API still works.
+    albumentations and wandb (imported by those modules, unused by a download) load only when used."""
     import subprocess
     import sys
 
@@ -486,6 +487,9 @@ def test_download_workers_do_not_import_torch():
         "from pipeline.download.i2d import module\n"
         "assert module('downloader').Downloader and pipeline.download.worker.Resizer\n"
         "print('torch' in sys.modules, 'webdataset' in sys.modules)\n"
+        "print('albumentations.core' in sys.modules, 'wandb.sdk' in sys.modules)\n"
+        "import albumentations, wandb\n"
+        "print(callable(albumentations.LongestMaxSize), bool(albumentations.__version__), callable(wandb.init))\n"
         "from img2dataset import download\n"
         "print(callable(download))\n"
     )
@@ -493,4 +497,4 @@ def test_download_workers_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(repo)})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["False", "False", "True"]
+    assert out.stdout.split() == ["False", "False", "False", "False", "True", "True", "True", "True"]

@@ -14,7 +14,7 @@ from pipeline.download import run as download_run
 from pipeline.download.fetch import download_shard, failed_shard
 from pipeline.query import build_manifest
 from pipeline.shards import DatasetDir
-from tests.servers import Route, serving
+from tests.servers import LoopbackServer, Route, serving
 from tests.test_download import JPEG, jpeg
 
 
@@ -33,6 +33,68 @@ def test_download_shard_is_pure_and_deterministic():
     assert st1["notes"] == {"url_reused": 1} and st1["drops"] == {"private_address": 1} and st1["rows_out"] == 3
     assert {k: v for k, v in st1.items() if "seconds" not in k} == {k: v for k, v in st2.items() if "seconds" not in k}
     assert s.hits["/a.jpg"] == 2  # once per call: the duplicate within the shard is fetched once
+
+
+class _GatedServer(LoopbackServer):
+    """/gate.jpg is answered only once /flaky.jpg has been asked a second time (or after 60 s)."""
+
+    def __init__(self, routes):
+        super().__init__(routes)
+        self.flaky_retried = threading.Event()
+
+    def count(self, path: str) -> int:
+        earlier = super().count(path)
+        if path == "/flaky.jpg" and earlier == 1:
+            self.flaky_retried.set()
+        if path == "/gate.jpg":
+            self.flaky_retried.wait(60)
+        return earlier
+
+
+def test_retries_run_beside_the_first_pass():
+    """A transient failure is retried while the first pass still runs, not after it: /gate.jpg (first
+    pass) answers only after /flaky.jpg's retry has arrived, within the client timeout (20 s) only if that
+    retry did not wait for the first pass to end. Statuses: each URL at most twice, permanent failures
+    once."""
+    body = jpeg(64, 48)
+    routes = {"/gate.jpg": Route(200, JPEG, body), "/ok.jpg": Route(200, JPEG, body),
+              "/flaky.jpg": [Route(503, {"Content-Type": "text/plain"}, b"busy"), Route(200, JPEG, body)],
+              "/gone.jpg": Route(404, {"Content-Type": "text/plain"}, b"no")}
+    server = _GatedServer(routes)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        base = server.base_url
+        names = ["gate", "ok", "flaky", "gone"]
+        rows = pa.table({"sample_id": [f"s{i}" for i in range(4)], "label": names, "name": names,
+                         "url": [f"{base}/{n}.jpg" for n in names]})
+        cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=4, timeout=20, retries=0)
+        table, stats = download_shard(rows, cfg, "00000")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert table.column("status").to_pylist() == ["success", "success", "success", "http_404"]
+    assert stats["notes"] == {"recovered_by_retry": 1, "retried": 1}
+    assert server.hits == {"/gate.jpg": 1, "/ok.jpg": 1, "/flaky.jpg": 2, "/gone.jpg": 1}
+
+
+def test_no_retry_starts_past_the_task_time_limit():
+    """A retry that could push the shard's task past `download.task_timeout` is not started: the row keeps
+    its first status and is counted (the executor would otherwise cancel the task and redo the shard)."""
+    body = jpeg(64, 48)
+    routes = {"/ok.jpg": Route(200, JPEG, body), "/stall.jpg": Route(200, JPEG, body, delay=8.0)}
+    with serving(routes) as s:
+        names = ["ok", "stall"]
+        rows = pa.table({"sample_id": ["s0", "s1"], "label": names, "name": names,
+                         "url": [f"{s.base_url}/{n}.jpg" for n in names]})
+        # retries start until 5 x 0.95 - 4 = 0.75 s after the shard began; /stall.jpg fails at 4 s at the earliest
+        cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=2, timeout=4, retries=0,
+                             task_timeout=5)
+        table, stats = download_shard(rows, cfg, "00000")
+        hits = dict(s.hits)
+    assert table.column("status").to_pylist() == ["success", "timeout"]
+    assert stats["notes"] == {"retry_skipped_time_limit": 1} and hits == {"/ok.jpg": 1, "/stall.jpg": 1}
 
 
 def test_failed_shard_keeps_every_row_counted():

@@ -6,7 +6,8 @@ shards: manifest shard NNNNN becomes download shard NNNNN, one row per manifest 
 
 - `plan`: one `WorkUnit` per finished manifest shard (ids only);
 - `run_unit` (on any worker): read the manifest shard, `fetch.download_shard` (pre-check, img2dataset's
-  per-shard Downloader with our resizer, retry pass), return the table and its counts.
+  per-shard Downloader with our resizer, retries of transient failures beside the first pass), return
+  the table and its counts.
 
 The executor does everything else: claims the output, runs the units (Ray: one task per shard, as many in
 flight as the cluster has CPUs, a time limit per task, resubmission of lost or timed-out tasks; local:
@@ -26,6 +27,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,17 +36,11 @@ from pipeline.config import BuildConfig, DownloadConfig, hashed_dump
 from pipeline.download.errors import RETRYABLE
 from pipeline.rollup import write_rollup
 from pipeline.shards import ROLLUP, DatasetDir
-from pipeline.stage import (
-    FinishResult,
-    PlanContext,
-    PlannedStage,
-    StageError,
-    UnitContext,
-    UnitResult,
-    WorkUnit,
-    config_hash,
-)
+from pipeline.stage import FinishResult, PlannedStage, StageError, UnitResult, WorkUnit, config_hash
 from schemas.tables import DOWNLOAD, MANIFEST
+
+if TYPE_CHECKING:  # annotations only
+    from pipeline.stage import PlanContext, UnitContext
 
 log = logging.getLogger(__name__)
 

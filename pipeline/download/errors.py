@@ -1,7 +1,7 @@
 """Short, stable status codes for img2dataset's free-text error messages.
 
 img2dataset stores `str(exception)` from urllib (or from our resizer) per failed sample. Stats and the
-retry pass need a small vocabulary instead: `http_404`, `connection_refused`, `timeout`, ... The raw
+retries need a small vocabulary instead: `http_404`, `connection_refused`, `timeout`, ... The raw
 message stays in the DOWNLOAD table's `error` column.
 """
 

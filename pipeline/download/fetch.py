@@ -11,7 +11,9 @@ local executor, a Ray task on any node under the Ray executor) and touches no st
 3. img2dataset fetches them: its `Downloader.download_shard` (the per-shard worker its own distributors
    call) with our resizer (`worker.WebBodyResizer`) and an in-memory sample writer, under the guarded
    urllib opener (`pipeline.urlsafety`) installed in this process;
-4. URLs that failed for a transient reason (`errors.RETRYABLE`) get a second pass (`download.retry_failed`);
+4. a URL whose first attempt failed for a transient reason (`errors.RETRYABLE`) is fetched once more
+   (`download.retry_failed`), by a second img2dataset Downloader that starts on the first such failure
+   and runs beside the first pass (`_first_pass_and_retries`), not after it;
 5. one output row per manifest row, sorted by `sample_id`, with `status` "success" or a short code.
 
 Why img2dataset's `Downloader` and not `img2dataset.download()`: `download()` is a whole job (a reader that
@@ -26,10 +28,12 @@ files, so the only write is the shard's commit to its storage location.
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,8 @@ from pipeline.urlsafety import AllowList, check_url
 from schemas.tables import DOWNLOAD
 
 STAGE = "download"
+# Retry batches in flight at once per shard (each an img2dataset Downloader with up to `thread_count` threads).
+RETRY_BATCHES = 4
 
 
 @dataclass
@@ -58,14 +64,16 @@ class Fetched:
 
 
 class _Collector:
-    """img2dataset's sample-writer interface (constructor, `write`, `close`), keeping samples in memory."""
+    """img2dataset's sample-writer interface (constructor, `write`, `close`), keeping samples in memory;
+    `on_result(ukey, fetched)` is told of each outcome as img2dataset hands it over."""
 
-    def __init__(self, results: dict[str, Fetched]):
+    def __init__(self, results: dict[str, Fetched], on_result: Callable[[str, Fetched], None] | None = None):
         self.results = results
+        self.on_result = on_result
 
     def write(self, img_str: bytes | None, key: str, caption: Any, meta: dict) -> None:
         code = status_code(meta.get("error_message"), meta.get("status"))
-        self.results[meta["ukey"]] = Fetched(
+        res = self.results[meta["ukey"]] = Fetched(
             status=code,
             error=None if code == "success" else (meta.get("error_message") or meta.get("status")),
             image=img_str if code == "success" else None,
@@ -74,6 +82,8 @@ class _Collector:
             original_width=meta.get("original_width"),
             original_height=meta.get("original_height"),
         )
+        if self.on_result is not None:
+            self.on_result(meta["ukey"], res)
 
     def close(self) -> None:
         pass
@@ -95,8 +105,10 @@ def _install_opener(cfg: DownloadConfig) -> None:
             _opener_for = key
 
 
-def fetch_urls(cfg: DownloadConfig, pairs: list[tuple[str, str]]) -> tuple[dict[str, Fetched], float]:
-    """Fetch `(ukey, url)` pairs with img2dataset in this process; returns outcomes by ukey and seconds."""
+def fetch_urls(cfg: DownloadConfig, pairs: list[tuple[str, str]],
+               on_result: Callable[[str, Fetched], None] | None = None) -> tuple[dict[str, Fetched], float]:
+    """Fetch `(ukey, url)` pairs with img2dataset in this process; returns outcomes by ukey and seconds.
+    `on_result(ukey, fetched)` is called (in this thread) for each outcome as it comes in."""
     if not pairs:
         return {}, 0.0
     import fsspec
@@ -127,7 +139,7 @@ def fetch_urls(cfg: DownloadConfig, pairs: list[tuple[str, str]]) -> tuple[dict[
     )
     directives = list(cfg.disallowed_header_directives) or None
     downloader = Downloader(
-        sample_writer_class=lambda *_args: _Collector(results),
+        sample_writer_class=lambda *_args: _Collector(results, on_result),
         resizer=resizer,
         thread_count=cfg.thread_count,
         save_caption=False,
@@ -171,17 +183,15 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
         else:
             ukeys[url] = f"u{len(ukeys):09d}"  # in manifest order: the same keys on every attempt
     by_key = {k: u for u, k in ukeys.items()}
-    outcomes, fetch_s = fetch_urls(cfg, list(by_key.items()))
-    retry = sorted(k for k in by_key if k not in outcomes or outcomes[k].status in RETRYABLE)
-    if cfg.retry_failed and retry:
-        again, more_s = fetch_urls(cfg, [(k, by_key[k]) for k in retry])
-        fetch_s += more_s
-        for k, o in again.items():
-            o.attempts = 2
-            outcomes[k] = o
+    notes: Counter = Counter()
+    if cfg.retry_failed:
+        outcomes, fetch_s, skipped = _first_pass_and_retries(cfg, by_key, retry_deadline(cfg))
+        if skipped:
+            notes["retry_skipped_time_limit"] = skipped
+    else:
+        outcomes, fetch_s = fetch_urls(cfg, list(by_key.items()))
     out_rows: list[dict] = []
     drops: Counter = Counter()
-    notes: Counter = Counter()
     seen: set[str] = set()
     for r in rows.select(["sample_id", "source_label", "name", "url"]).to_pylist():
         key = ukeys.get(r["url"])
@@ -220,6 +230,100 @@ def download_shard(rows: pa.Table, cfg: DownloadConfig, shard_id: str) -> tuple[
         "notes": dict(sorted(notes.items())),
     }
     return table, stats
+
+
+def retry_deadline(cfg: DownloadConfig) -> float:
+    """The `time.monotonic()` after which a shard task starts no more retries: the task's time limit
+    (`download.task_timeout`, counted from now, the start of the shard's fetching) less one retry's worst
+    case (`timeout x (retries + 1)`) and 5 % for the commit. A retry begun later could push the task past
+    its limit, where the executor cancels it and runs the whole shard again (and, after its lost-task
+    limit, fails the stage): the shard rather commits with those rows' first-attempt status (counted in
+    `notes.retry_skipped_time_limit`; `webbody retry-downloads` re-fetches them later)."""
+    return time.monotonic() + cfg.task_timeout * 0.95 - cfg.timeout * (cfg.retries + 1)
+
+
+def _first_pass_and_retries(cfg: DownloadConfig, by_key: dict[str, str],
+                            deadline: float = float("inf")) -> tuple[dict[str, Fetched], float, int]:
+    """Every URL once, and once more each whose first attempt failed for a transient reason (or gave no
+    result), the retries overlapping the first pass; returns the outcomes (a retry's replaces the first,
+    `attempts=2`), the seconds img2dataset spent fetching (first pass and retries summed) and how many
+    retries were not started because `deadline` (`retry_deadline`) had passed.
+
+    Why not a second pass after the first (as before): a shard's first pass lasts as long as its slowest
+    URLs (a stalling host holds a thread for the whole `timeout`, `retries + 1` times), and a retry pass
+    begun only then adds its own slowest URLs after it, with most threads idle. Here the failed URLs are
+    retried as they come in: whatever failed since the last look goes to its own img2dataset Downloader
+    (`min(len(batch), thread_count)` threads, mostly waiting on slow hosts), up to `RETRY_BATCHES` of them
+    at once, so a retried stall does not hold up the retries that fail after it, and only the failures of
+    the last moments are retried after the first pass ends. Which URLs are retried, and how often, is as
+    before: each URL gets at most two attempts, the second only after a RETRYABLE first outcome, so a
+    row's status does not depend on timing (only on what the host answers to each attempt)."""
+    failed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    retried: dict[str, Fetched] = {}
+    retry_s = [0.0]
+    skipped = [0]
+    trouble: list[BaseException] = []
+    lock = threading.Lock()
+    slots = threading.BoundedSemaphore(RETRY_BATCHES)
+
+    def on_first(key: str, res: Fetched) -> None:
+        if res.status in RETRYABLE:
+            failed.put(key)
+
+    def run_batch(keys: list[str]) -> None:
+        try:
+            got, seconds = fetch_urls(cfg.model_copy(update={"thread_count": min(len(keys), cfg.thread_count)}),
+                                      [(k, by_key[k]) for k in keys])
+            with lock:
+                retried.update(got)
+                retry_s[0] += seconds
+        except BaseException as exc:  # noqa: BLE001 (raised in the calling thread below)
+            trouble.append(exc)
+        finally:
+            slots.release()
+
+    def retrier() -> None:
+        batches: list[threading.Thread] = []
+        finished = False
+        while not finished:
+            batch = [failed.get()]
+            slots.acquire()  # at most RETRY_BATCHES at once: wait here, collecting what fails meanwhile
+            while True:
+                try:
+                    batch.append(failed.get_nowait())
+                except queue.Empty:
+                    break
+            finished = None in batch
+            keys = [k for k in batch if k is not None]
+            if keys and time.monotonic() > deadline:
+                skipped[0] += len(keys)
+                keys = []
+            if not keys or trouble:
+                slots.release()
+                continue
+            t = threading.Thread(target=run_batch, args=(keys,), name="download-retry", daemon=True)
+            t.start()
+            batches.append(t)
+        for t in batches:
+            t.join()
+
+    thread = threading.Thread(target=retrier, name="download-retries", daemon=True)
+    thread.start()
+    first: dict[str, Fetched] = {}
+    try:
+        first, first_s = fetch_urls(cfg, list(by_key.items()), on_result=on_first)
+        for k in by_key:
+            if k not in first:
+                failed.put(k)  # img2dataset gave no result for it: retried too
+    finally:
+        failed.put(None)
+        thread.join()
+    if trouble:
+        raise trouble[0]
+    for k, o in retried.items():
+        o.attempts = 2
+        first[k] = o
+    return first, first_s + retry_s[0], skipped[0]
 
 
 def failed_shard(rows: pa.Table, shard_id: str, code: str, error: str) -> tuple[pa.Table, dict]:

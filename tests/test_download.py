@@ -1,4 +1,4 @@
-"""Download stage: bad input served from 127.0.0.1, normalisation, SSRF guard, stats, retry pass, resume."""
+"""Download stage: bad input served from 127.0.0.1, image repair, SSRF guard, stats, retry pass, resume."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pipeline.config import BuildConfig
 from pipeline.download import retry_failed_urls
 from pipeline.download import run as download_run
 from pipeline.download.errors import status_code
-from pipeline.download.images import ImageRejected, normalise, resize
+from pipeline.download.images import ImageRejected, repair_image, resize
 from pipeline.query import build_manifest
 from pipeline.shards import DatasetDir
 from pipeline.urlsafety import AllowList, build_guarded_opener, check_url, why_not_public
@@ -91,24 +91,24 @@ def png_bomb(side: int = 12_000) -> bytes:
 # -- fast unit tests ------------------------------------------------------------------------------------------
 
 
-def test_normalise_fixes_what_opencv_gets_wrong():
+def test_repair_image_fixes_what_opencv_gets_wrong():
     # EXIF orientation 6 (rotate 90 CW): a 200x100 landscape becomes a 100x200 portrait, red on top
-    n = normalise(jpeg(200, 100, exif_orientation=6), 1e9)
+    n = repair_image(jpeg(200, 100, exif_orientation=6), 1e9)
     assert n.rgb.shape == (200, 100, 3) and "exif_rotated" in n.notes
     assert n.rgb[10, 50, 0] > 200 and n.rgb[190, 50, 2] > 200
     # CMYK -> RGB with the right colour (pure cyan-free red: C=0, M=255, Y=255, K=0)
-    n = normalise(jpeg(30, 20, color=(0, 255, 255, 0), mode="CMYK"), 1e9)
+    n = repair_image(jpeg(30, 20, color=(0, 255, 255, 0), mode="CMYK"), 1e9)
     assert "cmyk" in n.notes and tuple(n.rgb[10, 15]) == pytest.approx((255, 0, 0), abs=8)
     # 16-bit grey and RGB PNGs scale to 8 bits (a ramp 0..65535 -> 0..255, not clipped at 255)
     for ch in (1, 3):
-        n = normalise(png16(channels=ch), 1e9)
+        n = repair_image(png16(channels=ch), 1e9)
         assert n.rgb.dtype == np.uint8 and n.rgb.shape == (48, 64, 3)
         assert n.rgb[0, 0, 0] < 5 and n.rgb[0, -1, 0] > 250 and 100 < n.rgb[0, 32, 0] < 160
     # transparency composites onto white
-    n = normalise(rgba_png(), 1e9)
+    n = repair_image(rgba_png(), 1e9)
     assert tuple(n.rgb[0, 0]) == (255, 255, 255) and tuple(n.rgb[20, 20]) == (0, 255, 0)
     # animated GIF: the first frame
-    n = normalise(animated_gif(), 1e9)
+    n = repair_image(animated_gif(), 1e9)
     assert "animated" in n.notes and n.rgb[16, 16, 0] > 200 and n.rgb[16, 16, 2] < 50
 
 
@@ -121,9 +121,9 @@ def test_normalise_fixes_what_opencv_gets_wrong():
         (jpeg(300, 200)[:300], "truncated"),
     ],
 )
-def test_normalise_rejects_bad_bodies(data, code):
+def test_repair_image_rejects_bad_bodies(data, code):
     with pytest.raises(ImageRejected) as info:
-        normalise(data, 1e9)
+        repair_image(data, 1e9)
     assert info.value.code == code
 
 
@@ -131,7 +131,7 @@ def test_decompression_bomb_is_refused_before_decoding():
     bomb = png_bomb()
     assert len(bomb) < 1_000_000  # 144 Mpixel in well under a megabyte
     with pytest.raises(ImageRejected) as info:
-        normalise(bomb, 89_478_485)
+        repair_image(bomb, 89_478_485)
     assert info.value.code == "image_too_large"
 
 
@@ -333,7 +333,7 @@ def test_bad_input_each_counted_under_a_reason(downloaded):
 
 
 @pytest.mark.slow
-def test_images_are_normalised_and_bordered(downloaded):
+def test_images_are_repaired_and_bordered(downloaded):
     rows = {r["url"].rsplit("/", 1)[1]: r for r in _rows(downloaded["root"] / "out" / "download")
             if r["status"] == "success"}
     for r in rows.values():

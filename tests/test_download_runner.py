@@ -66,7 +66,7 @@ def test_retries_run_beside_the_first_pass():
     try:
         base = server.base_url
         names = ["gate", "ok", "flaky", "gone"]
-        rows = pa.table({"sample_id": [f"s{i}" for i in range(4)], "label": names, "name": names,
+        rows = pa.table({"sample_id": [f"s{i}" for i in range(4)], "source_label": names, "name": names,
                          "url": [f"{base}/{n}.jpg" for n in names]})
         cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=4, timeout=20, retries=0)
         table, stats = download_shard(rows, cfg, "00000")
@@ -86,7 +86,7 @@ def test_no_retry_starts_past_the_task_time_limit():
     routes = {"/ok.jpg": Route(200, JPEG, body), "/stall.jpg": Route(200, JPEG, body, delay=8.0)}
     with serving(routes) as s:
         names = ["ok", "stall"]
-        rows = pa.table({"sample_id": ["s0", "s1"], "label": names, "name": names,
+        rows = pa.table({"sample_id": ["s0", "s1"], "source_label": names, "name": names,
                          "url": [f"{s.base_url}/{n}.jpg" for n in names]})
         # retries start until 5 x 0.95 - 4 = 0.75 s after the shard began; /stall.jpg fails at 4 s at the earliest
         cfg = DownloadConfig(allow_private_hosts=["127.0.0.1"], thread_count=2, timeout=4, retries=0,

@@ -1,8 +1,8 @@
-"""Image normalisation for downloads: decode safely, fix what img2dataset's OpenCV path gets wrong, resize.
+"""Image repair for downloads: decode safely, fix what img2dataset's OpenCV path gets wrong, resize.
 
 img2dataset decodes with `cv2.imdecode(IMREAD_UNCHANGED)`, which ignores EXIF orientation, keeps 16-bit
 samples (then fails to encode JPEG), decodes a truncated JPEG into a half-grey picture without complaint,
-and allocates a decompression bomb in full before checking its area. `normalise()` instead:
+and allocates a decompression bomb in full before checking its area. `repair_image()` instead:
 
 1. reads only the header to refuse images larger than `max_area` pixels before decoding (`image_too_large`);
 2. decodes fully with Pillow, refusing truncated files (`truncated`) and non-images (`not_an_image`);
@@ -40,7 +40,7 @@ class ImageRejected(ValueError):
 
 
 @dataclass
-class Normalised:
+class RepairedImage:
     bgr: np.ndarray  # HxWx3 uint8, upright, BGR (OpenCV's channel order)
     notes: tuple[str, ...]  # what was fixed: exif_rotated, animated, cmyk, high_bit_depth, alpha
 
@@ -49,7 +49,7 @@ class Normalised:
         return self.bgr[:, :, ::-1]
 
 
-def normalise(data: bytes, max_area: float) -> Normalised:
+def repair_image(data: bytes, max_area: float) -> RepairedImage:
     if not data:
         raise ImageRejected("empty_body", "0 bytes")
     try:
@@ -79,7 +79,7 @@ def normalise(data: bytes, max_area: float) -> Normalised:
             and data.rstrip(b"\0").endswith(b"\xff\xd9")):
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if bgr is not None:
-            return Normalised(bgr, ())
+            return RepairedImage(bgr, ())
     if getattr(im, "is_animated", False):
         notes.append("animated")  # keep the first frame (Pillow opens on frame 0)
     try:
@@ -95,7 +95,7 @@ def normalise(data: bytes, max_area: float) -> Normalised:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("decode_error", str(exc)) from exc
-    return Normalised(bgr, tuple(notes))
+    return RepairedImage(bgr, tuple(notes))
 
 
 _ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "AVIF", "HEIF"}

@@ -1,7 +1,7 @@
 """Our resizer for img2dataset's per-shard Downloader (imported only in processes that run download tasks).
 
 `WebBodyResizer` keeps img2dataset's `Resizer` interface (same constructor, same call and return values)
-with safe decoding and normalisation (images.py), same geometry and encoding.
+with safe decoding and repair (images.py), same geometry and encoding.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import cv2
 
 from pipeline.download.i2d import module
-from pipeline.download.images import ImageRejected, encode, normalise, resize
+from pipeline.download.images import ImageRejected, encode, repair_image, resize
 
 Resizer = module("resizer").Resizer  # img2dataset's, imported without its torch-importing package __init__
 
@@ -19,12 +19,12 @@ cv2.setNumThreads(1)
 
 
 class WebBodyResizer(Resizer):
-    """img2dataset's Resizer interface (same constructor) with safe decoding and normalisation."""
+    """img2dataset's Resizer interface (same constructor) with safe decoding and repair."""
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         try:
             img_stream.seek(0)
-            img = normalise(img_stream.read(), self.max_image_area)
+            img = repair_image(img_stream.read(), self.max_image_area)
             bgr = resize(
                 img.bgr,
                 self.image_size,

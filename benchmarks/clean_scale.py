@@ -222,8 +222,17 @@ def _search_work(clean_dir: Path) -> dict:
     rounds = sorted(p.name for p in (clean_dir / "_merge").iterdir() if p.name.startswith(("r", "g")))
     later = sum(sum(_pass_seconds(DatasetDir(clean_dir / "_merge" / r))) for r in rounds if r != "r0")
     found = sum(DatasetDir(clean_dir / "_merge" / "r0").shard_stats(s)["rows_out"] for s in r0.done_ids())
+    # The units' own clocks (pipeline/clean/cross.py): CPU seconds do not count the time other jobs on the
+    # shared machine held the cores, so pairs per CPU second is the per-core rate; wall seconds include it.
+    unit = [r0.shard_stats(s) for s in r0.done_ids()]
+    cpu = sum(float(u.get("unit_cpu_s", 0)) for u in unit)
+    products = sum(int(u.get("products", 0)) for u in unit)
     return {"blocks": len(blocks), "block_identities": size, "tiles": len(tiles), "pairs_computed": pairs,
-            "round0_unit_seconds_sum": round(secs, 2), "pairs_per_s_per_core": round(pairs / max(secs, 1e-9)),
+            "round0_unit_seconds_sum": round(secs, 2), "round0_unit_cpu_seconds_sum": round(cpu, 2),
+            "products_counted_by_units": products,
+            "pairs_per_s_per_core": round(pairs / max(cpu, 1e-9)) if cpu else round(pairs / max(secs, 1e-9)),
+            "pairs_per_wall_s_per_unit": round(pairs / max(secs, 1e-9)),
+            "rate_basis": "unit CPU seconds" if cpu else "unit wall seconds",
             "later_rounds": [r for r in rounds if r != "r0"], "later_rounds_unit_seconds_sum": round(later, 2),
             "pairs_found_round0": int(found)}
 

@@ -70,6 +70,11 @@ SUMS = TableSchema("clean_center_sums", 1, pa.schema([
 ]))
 
 
+def clean_hash(cfg: CleanConfig, **extra: object) -> str:
+    """The hash of a clean pass's config: the clean section plus what else the pass depends on."""
+    return config_hash({"clean": cfg.model_dump(mode="json"), **extra})
+
+
 def centers_file(shard_id: str) -> str:
     return f"centers-{shard_id}.parquet"
 
@@ -145,7 +150,7 @@ class _RoundStage(PlannedStage):
         self.round_no = round_no
 
     def config_hash(self) -> str:
-        return config_hash({"clean": self.config.model_dump(mode="json"), "round": self.round_no})
+        return clean_hash(self.config, round=self.round_no)
 
 
 class SearchStage(_RoundStage):

@@ -278,6 +278,7 @@ def cluster_main(args: argparse.Namespace) -> None:
             cluster.shutdown()
         single_s = single_peak = None
         identical_note = f"Ray vs single process, {subset_rows} rows"
+        source = {"started": rec.env()["started"], "rows": subset_rows}
         if subset_rows:
             sub_faces = tmp / ("faces_subset" if subset_rows < args.rows else "faces")
             sub_ray = tmp / ("sub_ray" if subset_rows < args.rows else "clean")
@@ -292,9 +293,12 @@ def cluster_main(args: argparse.Namespace) -> None:
         else:  # --subset 0: not compared in this run; the figure of the last run that compared, marked
             prev = json.loads(RAY_RESULT.read_text()) if RAY_RESULT.exists() else {}
             identical = prev.get("identical")
+            # The run that compared (a carried figure names its source, so a chain of --subset 0 runs
+            # still points at the comparing run).
+            source = prev.get("details", {}).get("identical_source") or {
+                "started": prev.get("env", {}).get("started"), "rows": prev.get("details", {}).get("subset_rows")}
             identical_note = (f"NOT re-checked in this run (--subset 0): carried from the run of "
-                              f"{prev.get('env', {}).get('started')} (Ray vs single process, "
-                              f"{prev.get('details', {}).get('subset_rows')} rows), same stage code path")
+                              f"{source['started']} (Ray vs single process, {source['rows']} rows)")
         passes = {name: _pass_seconds(DatasetDir(tmp / "clean" / sub)) for name, sub in
                   (("names", "_names"), ("dedup", "_dedup"), ("select", "."))}
         search = _search_work(tmp / "clean")
@@ -332,7 +336,7 @@ def cluster_main(args: argparse.Namespace) -> None:
                "unit_seconds_median": {k: round(v, 3) for k, v in per_unit.items()},
                "unit_seconds_max": {k: round(max(v), 3) for k, v in passes.items() if v},
                "units": {k: len(v) for k, v in passes.items()}, "search": search, "merge": merge_report,
-               "subset_rows": subset_rows, "single_process_s": single_s,
+               "subset_rows": subset_rows, "identical_source": source, "single_process_s": single_s,
                "single_process_peak_gib": single_peak,
                "identities": stats["identities"], "images": stats["images"],
                "same_photo_dropped": stats["drops"].get("same_photo", 0), "drops": stats["drops"],

@@ -37,13 +37,16 @@ ensure_offline_env()
 
 from benchmarks.paired import Recorder, headline  # noqa: E402
 from pipeline import clean as clean_stage  # noqa: E402
+from pipeline.clean.overlap import member_ratio  # noqa: E402
 from pipeline.clean.scenario import Scenario, Setting, build, pair_cosines  # noqa: E402
+from pipeline.clean.state import normalise  # noqa: E402
 from pipeline.clean.synthetic import write_faces_dir  # noqa: E402
 from pipeline.config import BuildConfig  # noqa: E402
 from pipeline.executors import make_executor  # noqa: E402
 from pipeline.shards import DatasetDir  # noqa: E402
 from pipeline.valsets import write_centers  # noqa: E402
 
+DEV_SEEDS = list(range(100, 105))  # where rules and constants are chosen; reported figures use other seeds
 TARGETS = {"purity": ">= 0.99", "retention": ">= 0.9", "overlap_recall": ">= 1.0", "overlap_false_removal": "<= 0.01"}
 
 
@@ -64,8 +67,50 @@ def evaluate(sel: dict[str, dict], truth: dict[str, str], sc: Scenario) -> dict:
     false_removal = len(sc.lookalike & removed_as_overlap - left) / max(1, len(sc.lookalike))
     lost = Counter(sel[pid]["reason"] for pid, ok in group_kept.items() if not ok)
     return {"purity": purity, "retention": retention, "overlap_recall": recall,
-            "overlap_false_removal": false_removal, "identities": len(by_ident), "kept_images": len(kept),
+            "overlap_false_removal": false_removal, "planted": len(sc.planted),
+            "planted_missed": sum(p in left for p in sc.planted), "lookalikes": len(sc.lookalike),
+            "lookalikes_removed": len(sc.lookalike & removed_as_overlap - left), "identities": len(by_ident), "kept_images": len(kept),
             "expected_lost_by_reason": dict(lost.most_common())}
+
+
+def overlap_cases(sel: dict[str, dict], sc: Scenario) -> dict:
+    """The validation-overlap decision read case by case: for every person with a validation center (planted
+    or look-alike), the identity the cleaner made of it (its rows that reached step 5: kept, or dropped as
+    overlap) against that center: center cosine and member ratio (pipeline/clean/overlap.py). Lists the
+    missed planted and falsely removed look-alike persons, and the range of each group."""
+    rows = sc.rows
+    feats = np.frombuffer(b"".join(rows.cols["feature"]), dtype="<f2").reshape(len(rows), -1).astype(np.float32)
+    unit = normalise(feats)
+    at_step5: dict[str, list[int]] = defaultdict(list)
+    for k, (pid, who) in enumerate(zip(rows.cols["person_id"], rows.truth)):
+        reason = sel[pid]["reason"]
+        if reason is None or reason.startswith("val_overlap"):
+            at_step5[who].append(k)
+    cases = []
+    for set_name, owners in sc.val_owner.items():
+        centers = normalise(sc.valsets[set_name])
+        one = sc.val_images[set_name] <= 1
+        for c, who in enumerate(owners):
+            if who is None or len(at_step5[who]) == 0:
+                continue
+            r = at_step5[who]
+            center = normalise(feats[r].sum(axis=0, keepdims=True))[0]
+            ratio = float(member_ratio(unit[r], centers[c:c + 1])[0]) if len(r) >= 2 else None
+            removed = any((sel[rows.cols["person_id"][k]]["reason"] or "").startswith("val_overlap") for k in r)
+            cases.append({"person": who, "set": set_name, "one_image": one, "planted": who in sc.planted,
+                          "images": len(r), "center_cos": round(float(center @ centers[c]), 4),
+                          "member_ratio": None if ratio is None else round(ratio, 4), "removed": removed})
+    out: dict = {"missed_planted": [c for c in cases if c["planted"] and not c["removed"]],
+                 "removed_lookalikes": [c for c in cases if not c["planted"] and c["removed"]]}
+    for one in (True, False):
+        for planted in (True, False):
+            grp = [c for c in cases if c["one_image"] == one and c["planted"] == planted]
+            key = f"{'one_image' if one else 'folder'}_{'planted' if planted else 'lookalike'}"
+            ratios = [c["member_ratio"] for c in grp if c["member_ratio"] is not None]
+            out[key] = {"n": len(grp), "center_cos": [min((c["center_cos"] for c in grp), default=None),
+                                                      max((c["center_cos"] for c in grp), default=None)],
+                        "member_ratio": [min(ratios, default=None), max(ratios, default=None)]}
+    return out
 
 
 def run_once(seed: int, setting: Setting, clean: dict, tmp: Path) -> dict:
@@ -89,6 +134,7 @@ def run_once(seed: int, setting: Setting, clean: dict, tmp: Path) -> dict:
     seconds = time.perf_counter() - t0
     sel = {r["person_id"]: r for _, t in DatasetDir(work / "clean").iter_tables() for r in t.to_pylist()}
     out = evaluate(sel, truth, sc)
+    out["overlap_cases"] = overlap_cases(sel, sc)
     out.update({"seed": seed, "rows": n, "names": sc.names, "seconds": round(seconds, 2), "drops": stats["drops"]})
     return out
 
@@ -219,7 +265,7 @@ def main() -> None:
     ap.add_argument("--names", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0,
-                    help="first seed (the rules were chosen on seeds 100-109: report on others)")
+                    help="first seed (the rules were chosen on the development seeds 100-104: report on others)")
     ap.add_argument("--quick", action="store_true", help="hard setting only (no sweep, noise scan, calibration)")
     args = ap.parse_args()
     rec = Recorder("clean_quality", args)
@@ -235,6 +281,15 @@ def main() -> None:
         print("hard:", {k: hard[k] for k in TARGETS})
         details: dict = {"setting": vars(setting), "clean_config": clean, "hard": hard}
         if not args.quick:
+            # The development seeds the overlap rule's constants were chosen on (pipeline/clean/overlap.py),
+            # run again so the JSON shows them beside the reported seeds; never the headline.
+            dev = [s for s in DEV_SEEDS if s not in seeds]
+            if dev:
+                d = over_seeds(dev, setting, clean, tmp)
+                details["development_seeds"] = {
+                    "seeds": dev, "note": "the validation-overlap rule and its constants (pipeline/clean/overlap.py) "
+                    "were chosen on these seeds; the headlines are the other seeds", **{k: d[k] for k in TARGETS}}
+                print("development seeds:", details["development_seeds"])
             sweep_seeds = seeds[:2]
             official = over_seeds(sweep_seeds, setting, {}, tmp)
             details["official_thresholds"] = {k: official[k] for k in TARGETS}

@@ -206,22 +206,56 @@ def test_val_overlap_removes_the_planted_identity_and_reports_per_set():
     assert state.kept()[:4].all() and state.kept()[8:].all()
 
 
-def test_val_overlap_matches_a_one_image_center_a_little_lower():
-    """A one-image validation center (noisy) matches at `val_overlap - SINGLE_IMAGE_MARGIN`; a folder
-    center at the same cosine does not."""
-    from pipeline.clean.overlap import SINGLE_IMAGE_MARGIN
+def test_val_overlap_center_rule_with_and_without_image_counts():
+    """With image counts, a center matches above `val_overlap + CENTER_MARGIN`; a file without them gets the
+    official rule (above `val_overlap`)."""
+    from pipeline.clean.overlap import CENTER_MARGIN
 
     rng = np.random.default_rng(12)
     ids = people(rng, 2, DIM)
-    cos = OFFICIAL.val_overlap - SINGLE_IMAGE_MARGIN / 2
     results = {}
-    for n in (1, 3):
+    for n, cos in ((3, OFFICIAL.val_overlap + CENTER_MARGIN / 2), (3, OFFICIAL.val_overlap + 2 * CENTER_MARGIN),
+                   (None, OFFICIAL.val_overlap + CENTER_MARGIN / 2)):
         state = identity_state(rng, ids, [4, 4], cos=0.999)
         _, centers, _ = identity_centers(state, "norm")
         vs = ValSet("s", "s.parquet", "kprpe", {}, ["x"], at_cosine(rng, centers[0], cos)[None].astype(np.float32),
-                    np.array([n]))
-        results[n] = remove_val_overlap(state, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["s"]
-    assert results[1]["identities"] == 1 and results[3]["identities"] == 0
+                    None if n is None else np.array([n]))
+        results[(n, round(cos, 4))] = remove_val_overlap(state, [vs], OFFICIAL.val_overlap, block=2,
+                                                         weighting="norm")["s"]["identities"]
+    assert list(results.values()) == [0, 1, 1]
+
+
+def test_val_overlap_one_image_center_judged_against_the_identitys_photos():
+    """A one-image center below the center threshold is the identity's person when it is as close to the
+    identity's photos as they are to each other (another photo of the person: removed), not when it is
+    only near the identity's center (a look-alike at a similar center cosine: kept)."""
+    from pipeline.clean.overlap import CANDIDATE_FLOOR, CENTER_MARGIN, MEMBER_RATIO, member_ratio
+
+    rng = np.random.default_rng(13)
+    person = people(rng, 1, DIM)[0]
+    own = person_photos(rng, person, 12, cos=0.8)  # photo pairs at ~0.64
+    state = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
+    cluster(state)
+    _, centers, _ = identity_centers(state, "norm")
+    photo = at_cosine(rng, person, 0.73)  # one more photo of the person, of another age
+    lookalike = at_cosine(rng, person, 0.645)  # another person
+    c_photo, c_look = float(centers[0] @ photo), float(centers[0] @ lookalike)
+    low, high = OFFICIAL.val_overlap - CANDIDATE_FLOOR, OFFICIAL.val_overlap + CENTER_MARGIN
+    assert low < c_look < c_photo < high  # both below the center threshold, above the floor
+    ratios = member_ratio(normalise(own), np.stack([photo, lookalike]).astype(np.float32))
+    assert ratios[0] > MEMBER_RATIO > ratios[1]
+    removed = {}
+    for what, vec in (("photo", photo), ("lookalike", lookalike)):
+        st = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
+        cluster(st)
+        vs = ValSet("lfw", "lfw.parquet", "kprpe", {}, ["img0"], vec[None].astype(np.float32), np.array([1]))
+        removed[what] = remove_val_overlap(st, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["lfw"]
+    assert removed["photo"]["identities"] == 1 and removed["lookalike"]["identities"] == 0
+    # The same vector as a folder center (3 images) is judged on the center cosine alone: kept.
+    st = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
+    cluster(st)
+    vs = ValSet("agedb_30", "a.parquet", "kprpe", {}, ["x"], photo[None].astype(np.float32), np.array([3]))
+    assert remove_val_overlap(st, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["agedb_30"]["identities"] == 0
 
 
 def test_too_few_images_and_funnel():

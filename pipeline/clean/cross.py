@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -67,6 +68,11 @@ SUMS = TableSchema("clean_center_sums", 1, pa.schema([
     pa.field("count", pa.int64(), nullable=False),
     pa.field("sum", pa.list_(pa.float32()), nullable=False),
 ]))
+
+
+def clean_hash(cfg: CleanConfig, **extra: object) -> str:
+    """The hash of a clean pass's config: the clean section plus what else the pass depends on."""
+    return config_hash({"clean": cfg.model_dump(mode="json"), **extra})
 
 
 def centers_file(shard_id: str) -> str:
@@ -144,7 +150,7 @@ class _RoundStage(PlannedStage):
         self.round_no = round_no
 
     def config_hash(self) -> str:
-        return config_hash({"clean": self.config.model_dump(mode="json"), "round": self.round_no})
+        return clean_hash(self.config, round=self.round_no)
 
 
 class SearchStage(_RoundStage):
@@ -167,6 +173,16 @@ class SearchStage(_RoundStage):
         return units
 
     def run_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+        # The unit's own clocks, so the search rate can be read per CPU second whatever else holds the
+        # machine (benchmarks/clean_scale.py): wall and process CPU time of the whole unit, products done.
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        result = self._search_unit(unit, ctx)
+        result.extra_stats.update({"unit_wall_s": round(time.perf_counter() - wall0, 4),
+                                   "unit_cpu_s": round(time.process_time() - cpu0, 4),
+                                   "products": int(result.extra_stats.pop("_products", 0))})
+        return result
+
+    def _search_unit(self, unit: WorkUnit, ctx: UnitContext) -> UnitResult:
         names_dir = ctx.inputs["names"]
         thr = resolve_thresholds(self.config, _embedder(names_dir))
         blocks = names_dir.read_json("blocks.json")["blocks"]
@@ -178,11 +194,13 @@ class SearchStage(_RoundStage):
                 qx = normalise(qx)
                 i, j, s = pairs_above(qx, thr.ambiguous, bs)
                 table = _pairs_table(qn, qc, qn, qc, i, j, s)
+                products = len(qn) * (len(qn) - 1) // 2
             else:
                 bn, bx, bc = block_sums(names_dir, blocks[p["b"]])
                 i, j, s = pairs_between(normalise(qx), normalise(bx), thr.ambiguous, bs)
                 table = _pairs_table(qn, qc, bn, bc, i, j, s)
-            return UnitResult(table, rows_in=len(qn))
+                products = len(qn) * len(bn)
+            return UnitResult(table, rows_in=len(qn), extra_stats={"_products": products})
         state = ctx.inputs["state"].read_json("round.json")
         into, reps, changed = state["into"], set(state["reps"]), set(state["changed"])
         gather = ctx.inputs["gather"]

@@ -41,7 +41,15 @@ from scipy.sparse.csgraph import connected_components
 from pipeline import storage
 from pipeline.clean.cluster import cluster_names
 from pipeline.clean.copies import collapse_copies
-from pipeline.clean.cross import group_sums, make_blocks, read_center_files, run_merge
+from pipeline.clean.cross import (
+    centers_file,
+    clean_hash,
+    group_sums,
+    make_blocks,
+    read_center_files,
+    run_merge,
+    sums_table,
+)
 from pipeline.clean.dedup import drop_near_duplicates
 from pipeline.clean.load import load_faces
 from pipeline.clean.merge import identity_sums, merge_centers
@@ -50,29 +58,10 @@ from pipeline.clean.select import identity_strings, resolve_thresholds
 from pipeline.clean.state import DROPPED
 from pipeline.config import BuildConfig, CleanConfig
 from pipeline.shards import DatasetDir, file_sha256
-from pipeline.stage import (
-    FinishResult,
-    PlanContext,
-    PlannedStage,
-    UnitContext,
-    UnitResult,
-    WorkUnit,
-    config_hash,
-)
+from pipeline.stage import FinishResult, PlanContext, PlannedStage, UnitContext, UnitResult, WorkUnit
 from schemas.clean import CLEAN
 
 log = logging.getLogger(__name__)
-
-CENTERS_SCHEMA = pa.schema([
-    pa.field("identity", pa.string(), nullable=False),
-    pa.field("count", pa.int64(), nullable=False),
-    pa.field("sum", pa.list_(pa.float32()), nullable=False),
-])
-
-
-def centers_file(shard_id: str) -> str:
-    return f"centers-{shard_id}.parquet"
-
 
 def name_groups(faces: DatasetDir) -> list[list[str]]:
     """Finished faces shards joined when they share a name (`label`): connected components, each sorted.
@@ -157,10 +146,8 @@ class NamesStage(PlannedStage):
         within = np.zeros(state.n, dtype=bool)
         within[a:b] = True
         ids, sums, counts = identity_sums(state, self.config.center_weighting, within)
-        centers = pa.table({"identity": [state.names[int(i)] for i in ids], "count": counts.astype(np.int64),
-                            "sum": pa.array(list(sums), type=pa.list_(pa.float32()))}, schema=CENTERS_SCHEMA)
         buf = io.BytesIO()
-        pq.write_table(centers, buf)
+        pq.write_table(sums_table([state.names[int(i)] for i in ids], sums, counts), buf)
         drops = Counter(r for r in state.reason[a:b].tolist() if r is not None)
         extra = {"embedder": loaded.embedder, "dim": loaded.dim, "group": group, "identities": int(len(ids))}
         if k == 0:  # the group's per-name report, counted once per group
@@ -249,7 +236,17 @@ def _shard_identities(d: DatasetDir, sid: str) -> list[str]:
     return pq.read_table(io.BytesIO(blob), columns=["identity"]).column("identity").to_pylist()
 
 
-class DedupStage(PlannedStage):
+class _VerdictStage(PlannedStage):
+    """A pass whose output is verdict rows (the CLEAN schema) and whose inputs include the validation files."""
+
+    output_schema = CLEAN
+    sort_keys = ("person_id",)
+
+    def config_hash(self) -> str:
+        return _with_valsets(self.config)
+
+
+class DedupStage(_VerdictStage):
     """Pass "dedup": merged identities, the ambiguous rule, near-duplicates within an identity.
 
     One unit per shard; a unit reads the shards holding rows of the (merged) identities it holds (a group:
@@ -258,11 +255,6 @@ class DedupStage(PlannedStage):
     """
 
     name = "clean_dedup"
-    output_schema = CLEAN
-    sort_keys = ("person_id",)
-
-    def config_hash(self) -> str:
-        return _with_valsets(self.config)
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         names = ctx.inputs["names"]
@@ -401,22 +393,15 @@ class DedupStage(PlannedStage):
 
 
 def _centers_bytes(names: list[str], sums: np.ndarray, counts: np.ndarray) -> bytes:
-    table = pa.table({"identity": names, "count": np.asarray(counts, dtype=np.int64),
-                      "sum": pa.array(list(sums), type=pa.list_(pa.float32()))}, schema=CENTERS_SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(sums_table(names, sums, counts), buf)
     return buf.getvalue()
 
 
-class SelectStage(PlannedStage):
+class SelectStage(_VerdictStage):
     """Pass "select": the verdicts, with the identity-level drops (validation overlap, too few images)."""
 
     name = "clean"
-    output_schema = CLEAN
-    sort_keys = ("person_id",)
-
-    def config_hash(self) -> str:
-        return _with_valsets(self.config)
 
     def plan(self, ctx: PlanContext) -> list[WorkUnit]:
         return [WorkUnit(sid) for sid in ctx.inputs["dedup"].done_ids()]
@@ -450,7 +435,7 @@ class SelectStage(PlannedStage):
 def _with_valsets(cfg: CleanConfig) -> str:
     """The config hash plus the contents of the validation center files (a rebuilt file is a new input)."""
     files = {p: (file_sha256(Path(p)) if Path(p).exists() else "missing") for p in cfg.valsets}
-    return config_hash({"clean": cfg.model_dump(mode="json"), "valsets": files})
+    return clean_hash(cfg, valsets=files)
 
 
 def run_partitioned(cfg: BuildConfig, inputs: dict, output, overwrite: bool = False, executor=None) -> dict:

@@ -47,8 +47,11 @@ class Setting:
     bursts: float = 0.15  # share of names with a burst of distinct photos above 0.9
     copies: float = 0.05  # chance a photo appears again from another URL (re-encoded)
     aliases: float = 0.03
-    planted: float = 0.04  # share of persons planted in a validation set
-    lookalikes: float = 0.04  # share of non-planted persons with a look-alike validation center
+    # Shares of persons planted in a validation set / given a look-alike validation center (from the others):
+    # ~100 of each at 300 names, so that one miss is 0.01 and the overlap targets (recall 1, false removal
+    # <= 0.01) can be told apart at all (at 4 % of 300 names one miss was 0.083).
+    planted: float = 0.34
+    lookalikes: float = 0.34
     lookalike_cos: tuple[float, float] = (0.6, 0.75)
     val_shift: float = 0.35  # age/domain shift of validation photos (weight of a random direction)
     random_centers: int = 2000
@@ -64,6 +67,8 @@ class Scenario:
     valsets: dict[str, np.ndarray]
     names: int
     stats: dict = field(default_factory=dict)
+    # Per set, the person behind each center ("P<k>" planted or look-alike, None for a random center).
+    val_owner: dict[str, list[str | None]] = field(default_factory=dict)
     # Images behind each center of a set: lfw is a .bin pair set (one image a center), agedb_30 folders of 3.
     val_images: dict[str, int] = field(default_factory=lambda: {"lfw": 1, "agedb_30": 3})
 
@@ -175,8 +180,11 @@ def build(seed: int, s: Setting) -> Scenario:
     rand = lambda n: np.stack([ppl.stranger()["dir"] for _ in range(n)])  # noqa: E731
     valsets = {"lfw": np.concatenate([single, looks[: len(looks) // 2], rand(s.random_centers)]),
                "agedb_30": np.concatenate([folder, looks[len(looks) // 2:], rand(s.random_centers)])}
+    owner = lambda ks: [f"P{k}" for k in ks]  # noqa: E731
+    val_owner = {"lfw": owner(planted[:half]) + owner(lookalike[: len(looks) // 2]) + [None] * s.random_centers,
+                 "agedb_30": owner(planted[half:]) + owner(lookalike[len(looks) // 2:]) + [None] * s.random_centers}
     return Scenario(rows=rows, expected=expected, copies=copies, planted={f"P{k}" for k in planted},
-                    lookalike={f"P{k}" for k in lookalike}, valsets=valsets, names=len(names))
+                    lookalike={f"P{k}" for k in lookalike}, valsets=valsets, names=len(names), val_owner=val_owner)
 
 
 def pair_cosines(seed: int, s: Setting, n: int = 4000) -> dict[str, np.ndarray]:

@@ -1,10 +1,14 @@
 """Cross-identity similarity search as blocked matrix products: memory is one tile, whatever N is.
 
-A tile is at most `block` query rows x TILE_ELEMS / rows base rows of float32 similarities (128 MiB);
-only the pairs above a threshold (or the running best match) leave a tile. This is the exact search an
-IndexFlatIP does; faiss-cpu's flat search measured 5-7x slower than numpy's BLAS product on this machine
-(10 000 x 10 000 x 512: 19.6 s against 2.6 s), so the product is done directly. Results come back in a
-canonical order, independent of tiling.
+A tile is at most `block` query rows x TILE_ELEMS / rows base rows of float32 similarities (128 MiB), made
+by one BLAS sgemm into a buffer reused for every tile of a call. Inputs may be stored as float16 (or any
+float type): rows are converted to float32 one chunk at a time, so a float16 block never exists twice in
+float32. Rows must already be L2-normalised (callers normalise each block once). Only the pairs above a
+threshold leave a tile: a vectorised row maximum finds the rows holding any (at the merge threshold almost
+none), and only those rows are scanned for pairs, so no per-pair Python and no (tile)-sized mask per tile.
+This is the exact search an IndexFlatIP does; `benchmarks/clean_search.py` measures it against the
+kernel it replaced and against faiss-cpu's IndexFlatIP.range_search (results/clean_search.json). Results
+come back in a canonical order, independent of tiling.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import numpy as np
 TILE_ELEMS = 1 << 25  # float32 similarities per tile: 128 MiB
 MAX_QUERY_ROWS = 2048
 
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
 
 def _tiles(block: int) -> tuple[int, int]:
     """(query rows, base rows) of a tile: `block` bounds both (small blocks exercise the tiling in tests)."""
@@ -21,47 +27,54 @@ def _tiles(block: int) -> tuple[int, int]:
     return q, max(1, min(block, TILE_ELEMS // q))
 
 
-def pairs_above(x: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j of rows of `x` (L2-normalised) with cosine > threshold: (i, j, cos), sorted by (i, j)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = len(x)
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _tile_pairs(q: np.ndarray, b: np.ndarray, threshold: float, buf: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row in q, row in b, cos) of the tile's pairs above `threshold`; `buf` holds the similarities."""
+    sims = np.matmul(q, b.T, out=buf[: len(q) * len(b)].reshape(len(q), len(b)))
+    rows = np.flatnonzero(sims.max(axis=1) > threshold)
+    if not len(rows):
+        return _EMPTY
+    sub = sims[rows]
+    r, c = np.nonzero(sub > threshold)
+    return rows[r], c.astype(np.int64), sub[r, c]
+
+
+def _search(xq: np.ndarray, xb: np.ndarray, threshold: float, block: int, upper: bool
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j) with cos > threshold, sorted by (i, j); `upper`: xq is xb and only j > i counts."""
     q_rows, b_rows = _tiles(block)
-    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for qs in range(0, n, q_rows):
-        xq = x[qs:qs + q_rows]
-        # Only base rows from qs on: the other half of the matrix holds the same pairs.
-        for bs in range(qs, n, b_rows):
-            sims = xq @ x[bs:bs + b_rows].T
-            r, c = np.nonzero(sims > threshold)
-            i, j = r + qs, c + bs
-            keep = j > i
-            out_i.append(i[keep])
-            out_j.append(j[keep])
-            out_s.append(sims[r[keep], c[keep]])
-    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+    buf = np.empty(min(len(xq), q_rows) * min(len(xb), b_rows) or 1, dtype=np.float32)
+    out = [_EMPTY]
+    for qs in range(0, len(xq), q_rows):
+        q = _f32(xq[qs:qs + q_rows])
+        # With `upper`, only base rows from qs on: the other half of the matrix holds the same pairs.
+        for bs in range(qs if upper else 0, len(xb), b_rows):
+            b = q if upper and bs == qs and b_rows == q_rows else _f32(xb[bs:bs + b_rows])
+            i, j, s = _tile_pairs(q, b, threshold, buf)
+            i, j = i + qs, j + bs
+            if upper:
+                keep = j > i
+                i, j, s = i[keep], j[keep], s[keep]
+            out.append((i, j, s))
+    i, j, s = (np.concatenate(parts) for parts in zip(*out))
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
+
+
+def pairs_above(x: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j of rows of `x` (L2-normalised) with cosine > threshold: (i, j, cos), sorted by (i, j)."""
+    return _search(x, x, threshold, block, upper=True)
 
 
 def pairs_between(xq: np.ndarray, xb: np.ndarray, threshold: float, block: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (query row i, base row j) of two L2-normalised sets with cosine > threshold: (i, j, cos),
     sorted by (i, j). The rectangular tile of the distributed search (pipeline/clean/cross.py)."""
-    xq = np.ascontiguousarray(xq, dtype=np.float32)
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    q_rows, b_rows = _tiles(block)
-    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for qs in range(0, len(xq), q_rows):
-        part = xq[qs:qs + q_rows]
-        for bs in range(0, len(xb), b_rows):
-            sims = part @ xb[bs:bs + b_rows].T
-            r, c = np.nonzero(sims > threshold)
-            out_i.append(r + qs)
-            out_j.append(c + bs)
-            out_s.append(sims[r, c])
-    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
-    order = np.lexsort((j, i))
-    return i[order], j[order], s[order]
+    return _search(xq, xb, threshold, block, upper=False)
 
 
 def best_match(queries: np.ndarray, base: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -225,7 +225,7 @@ def _search_work(clean_dir: Path) -> dict:
     # The units' own clocks (pipeline/clean/cross.py): CPU seconds do not count the time other jobs on the
     # shared machine held the cores, so pairs per CPU second is the per-core rate; wall seconds include it.
     unit = [r0.shard_stats(s) for s in r0.done_ids()]
-    cpu = sum(float(u.get("unit_cpu_s", 0)) for u in unit)
+    cpu = sum(float(u.get("unit_cpu_seconds", u.get("unit_cpu_s", 0))) for u in unit)
     products = sum(int(u.get("products", 0)) for u in unit)
     return {"blocks": len(blocks), "block_identities": size, "tiles": len(tiles), "pairs_computed": pairs,
             "round0_unit_seconds_sum": round(secs, 2), "round0_unit_cpu_seconds_sum": round(cpu, 2),

@@ -177,8 +177,8 @@ class SearchStage(_RoundStage):
         # machine (benchmarks/clean_scale.py): wall and process CPU time of the whole unit, products done.
         wall0, cpu0 = time.perf_counter(), time.process_time()
         result = self._search_unit(unit, ctx)
-        result.extra_stats.update({"unit_wall_s": round(time.perf_counter() - wall0, 4),
-                                   "unit_cpu_s": round(time.process_time() - cpu0, 4),
+        result.extra_stats.update({"unit_wall_seconds": round(time.perf_counter() - wall0, 4),
+                                   "unit_cpu_seconds": round(time.process_time() - cpu0, 4),
                                    "products": int(result.extra_stats.pop("_products", 0))})
         return result
 

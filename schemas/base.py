@@ -139,30 +139,29 @@ def table_version(table_or_schema: pa.Table | pa.Schema) -> tuple[str, int] | No
     return meta[SCHEMA_NAME_KEY].decode(), int(meta.get(SCHEMA_VERSION_KEY, b"0"))
 
 
+def _older_readable(schema: pa.Schema) -> tuple[TableSchema, int] | None:
+    """(today's schema, the found version) when `schema` is an older, rename-only version of a registered one."""
+    found = table_version(schema)
+    if found is None or found[0] not in REGISTRY:
+        return None
+    ts = REGISTRY[found[0]]
+    return (ts, found[1]) if found[1] < ts.version and ts.readable_from(found[1]) else None
+
+
 def upgrade_table(table: pa.Table) -> pa.Table:
     """A table of an older, rename-only version of a registered schema, with today's names; others as they are.
 
     Every reader of stored tables calls this (`TableSchema.validate` does, and so does
     `pipeline.storage.read_parquet`), so old shards resume and old bundles train without a rewrite.
     """
-    found = table_version(table)
-    if found is None or found[0] not in REGISTRY:
-        return table
-    ts = REGISTRY[found[0]]
-    if found[1] < ts.version and ts.readable_from(found[1]):
-        return ts.upgrade(table, found[1])
-    return table
+    older = _older_readable(table.schema)
+    return table if older is None else older[0].upgrade(table, older[1])
 
 
 def old_column_names(schema: pa.Schema, columns: list[str]) -> list[str]:
     """The names `columns` (today's) have in a file with `schema`, which may be an older rename-only version."""
-    found = table_version(schema)
-    if found is None or found[0] not in REGISTRY:
-        return columns
-    ts = REGISTRY[found[0]]
-    if found[1] < ts.version and ts.readable_from(found[1]):
-        return ts.column_names_at(found[1], columns)
-    return columns
+    older = _older_readable(schema)
+    return columns if older is None else older[0].column_names_at(older[1], columns)
 
 
 def register(ts: TableSchema) -> TableSchema:

@@ -15,7 +15,6 @@ from pipeline.faces.detectors import Detection, register_detector
 class Centre:
     def __init__(self, input_size: int):
         self.input_size = input_size
-        self.calls = 0
 
     def detect_batch(self, images: list[np.ndarray], max_faces: int | None = 1, score_threshold: float = 0.0,
                      native: bool = False) -> list[list[Detection]]:

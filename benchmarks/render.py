@@ -10,7 +10,7 @@ and its JSON cannot disagree:
     <!-- results:NAME:details.PATH -->     a list of dicts (or a dict of dicts) at that path, as a table
     <!-- /results:NAME:details.PATH -->
 
-Usage: python benchmarks/render.py [--check] [DOC ...]   (default: docs/benchmarks.md docs/operations.md)
+Usage: python benchmarks/render.py [--check] [DOC ...]   (default: every doc with a results block)
 `--check` writes nothing and exits 1 when a doc is out of date (a test runs it).
 """
 
@@ -25,7 +25,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_DOCS = ("docs/benchmarks.md", "docs/operations.md")
+
+
+def default_docs() -> list[str]:
+    """Every doc that holds a results block: a doc left off a fixed list would go stale unnoticed."""
+    paths = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    return [str(p.relative_to(ROOT)) for p in paths if p.exists() and "<!-- results:" in p.read_text()]
+
 
 BLOCK = re.compile(r"(<!-- results:(?P<key>[^ ]+?) -->\n)(?P<body>.*?)(<!-- /results:(?P=key) -->)", re.S)
 
@@ -170,12 +176,12 @@ def unmatched_markers(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("docs", nargs="*", default=list(DEFAULT_DOCS))
+    ap.add_argument("docs", nargs="*", help="docs to render (default: every doc with a results block)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a doc is out of date; write nothing")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
     args = ap.parse_args(argv)
     stale = []
-    for rel in args.docs:
+    for rel in args.docs or default_docs():
         path = ROOT / rel
         if not path.exists():
             continue

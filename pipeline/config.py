@@ -174,6 +174,10 @@ class EmbedderThresholds(_Strict):
     merge: float = Field(0.7, ge=-1, le=1)  # identity centers above this are one identity
     ambiguous: float = Field(0.6, ge=-1, le=1)  # (ambiguous, merge]: drop the smaller identity
     val_overlap: float = Field(0.7, ge=-1, le=1)  # identity center vs any validation center
+    # Ours, not official: a one-image validation center is the identity's person when its member ratio
+    # (pipeline/clean/overlap.py) is above this. Lower removes more look-alikes, higher misses more planted
+    # persons; 0.73 is recall first, chosen on the clean benchmark's development seeds (docs/clean.md).
+    val_overlap_image: float = Field(0.73, gt=0, le=2)
     duplicate: float = Field(0.9, ge=-1, le=1)  # two images of one identity above this: keep one
 
     @model_validator(mode="after")

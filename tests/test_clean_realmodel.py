@@ -1,6 +1,7 @@
 """Clean on real photos through the real query, download (img2dataset from loopback), persons (YOLO11n-pose)
 and faces (RetinaFace-mnet0.25 + dlib) stages: a name whose URLs hold the three Obama photos plus other
-people keeps exactly the Obama images, and a validation set built from one Obama photo removes him."""
+people keeps exactly the Obama images, a validation set built from one Obama photo removes him, and one-image
+validation centers of other people (dlib scores strangers high) leave him."""
 
 from __future__ import annotations
 
@@ -43,3 +44,17 @@ def test_obama_name_keeps_obama_and_a_valset_removes_him(tmp_path):
     assert stats["identities"] == 0
     assert stats["steps"]["val_overlap"]["lfw"]["identities"] == 1
     assert stats["drops"]["val_overlap:lfw"] == 3
+
+    # One-image centers of other people: dlib's cosines put strangers near him (up to ~0.88), so only the
+    # scale-aware one-image cut (pipeline/faces/embedders.py, _DLIB) keeps him.
+    others = tmp_path / "others"
+    for p in ("biden.jpg", "zidane.jpg", "grace_hopper.jpg"):
+        (others / p.split(".")[0]).mkdir(parents=True)
+        (others / p.split(".")[0] / p).write_bytes(asset_path(p).read_bytes())
+    report = build_valset_centers("cfp_fp", others, tmp_path / "others.parquet", cfg.faces)
+    assert report["centers"] == 3
+    cfg = BuildConfig.model_validate({**raw, "clean": {"valsets": [str(tmp_path / "others.parquet")]}})
+    stats = registry.run_stage("clean", cfg, {"faces": build / "faces", "persons": build / "persons"},
+                                tmp_path / "clean_others")
+    assert stats["identities"] == 1 and stats["steps"]["val_overlap"]["cfp_fp"]["identities"] == 0
+    assert stats["steps"]["val_overlap"]["cfp_fp"]["matched"] == 0

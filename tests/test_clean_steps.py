@@ -199,7 +199,7 @@ def test_val_overlap_removes_the_planted_identity_and_reports_per_set():
     lfw = ValSet("lfw", "lfw.parquet", "kprpe", {}, ["img0", "img1"],
                  np.stack([photos(rng, ids[1:2], 0.3)[0], people(rng, 1, DIM)[0]]))
     agedb = ValSet("agedb_30", "agedb.parquet", "kprpe", {}, ["x"], people(rng, 1, DIM))
-    report = remove_val_overlap(state, [lfw, agedb], OFFICIAL.val_overlap, block=2, weighting="norm")
+    report = remove_val_overlap(state, [lfw, agedb], OFFICIAL.val_overlap, OFFICIAL.val_overlap_image, block=2, weighting="norm")
     assert report["lfw"]["identities"] == 1 and report["lfw"]["images"] == 4
     assert report["agedb_30"]["identities"] == 0
     assert set(state.reason[4:8]) == {"val_overlap:lfw"}
@@ -220,7 +220,7 @@ def test_val_overlap_center_rule_with_and_without_image_counts():
         _, centers, _ = identity_centers(state, "norm")
         vs = ValSet("s", "s.parquet", "kprpe", {}, ["x"], at_cosine(rng, centers[0], cos)[None].astype(np.float32),
                     None if n is None else np.array([n]))
-        results[(n, round(cos, 4))] = remove_val_overlap(state, [vs], OFFICIAL.val_overlap, block=2,
+        results[(n, round(cos, 4))] = remove_val_overlap(state, [vs], OFFICIAL.val_overlap, OFFICIAL.val_overlap_image, block=2,
                                                          weighting="norm")["s"]["identities"]
     assert list(results.values()) == [0, 1, 1]
 
@@ -229,7 +229,7 @@ def test_val_overlap_one_image_center_judged_against_the_identitys_photos():
     """A one-image center below the center threshold is the identity's person when it is as close to the
     identity's photos as they are to each other (another photo of the person: removed), not when it is
     only near the identity's center (a look-alike at a similar center cosine: kept)."""
-    from pipeline.clean.overlap import CANDIDATE_FLOOR, CENTER_MARGIN, MEMBER_RATIO, member_ratio
+    from pipeline.clean.overlap import CANDIDATE_FLOOR, CENTER_MARGIN, member_ratio
 
     rng = np.random.default_rng(13)
     person = people(rng, 1, DIM)[0]
@@ -243,19 +243,19 @@ def test_val_overlap_one_image_center_judged_against_the_identitys_photos():
     low, high = OFFICIAL.val_overlap - CANDIDATE_FLOOR, OFFICIAL.val_overlap + CENTER_MARGIN
     assert low < c_look < c_photo < high  # both below the center threshold, above the floor
     ratios = member_ratio(normalise(own), np.stack([photo, lookalike]).astype(np.float32))
-    assert ratios[0] > MEMBER_RATIO > ratios[1]
+    assert ratios[0] > OFFICIAL.val_overlap_image > ratios[1]
     removed = {}
     for what, vec in (("photo", photo), ("lookalike", lookalike)):
         st = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
         cluster(st)
         vs = ValSet("lfw", "lfw.parquet", "kprpe", {}, ["img0"], vec[None].astype(np.float32), np.array([1]))
-        removed[what] = remove_val_overlap(st, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["lfw"]
+        removed[what] = remove_val_overlap(st, [vs], OFFICIAL.val_overlap, OFFICIAL.val_overlap_image, block=2, weighting="norm")["lfw"]
     assert removed["photo"]["identities"] == 1 and removed["lookalike"]["identities"] == 0
     # The same vector as a folder center (3 images) is judged on the center cosine alone: kept.
     st = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
     cluster(st)
     vs = ValSet("agedb_30", "a.parquet", "kprpe", {}, ["x"], photo[None].astype(np.float32), np.array([3]))
-    assert remove_val_overlap(st, [vs], OFFICIAL.val_overlap, block=2, weighting="norm")["agedb_30"]["identities"] == 0
+    assert remove_val_overlap(st, [vs], OFFICIAL.val_overlap, OFFICIAL.val_overlap_image, block=2, weighting="norm")["agedb_30"]["identities"] == 0
 
 
 def test_too_few_images_and_funnel():
@@ -269,3 +269,50 @@ def test_too_few_images_and_funnel():
     steps = [(r["step"], r["identities"], r["images"]) for r in result["funnel"]]
     assert steps == [("input", 2, 5), ("copies", 2, 5), ("cluster", 2, 5), ("face_score", 2, 4), ("merge", 2, 4),
                      ("near_duplicates", 2, 4), ("val_overlap", 2, 4), ("min_images", 1, 3)]
+
+
+def test_val_overlap_image_threshold_is_the_users_trade_off():
+    """`val_overlap_image` moves the one-image rule: above an image's member ratio it is kept, below it
+    removed, and the stage reads it from the config per embedder."""
+    from pipeline.clean.overlap import member_ratio
+    from pipeline.clean.select import resolve_thresholds
+
+    rng = np.random.default_rng(13)
+    person = people(rng, 1, DIM)[0]
+    own = person_photos(rng, person, 12, cos=0.8)
+    photo, lookalike = at_cosine(rng, person, 0.73), at_cosine(rng, person, 0.645)
+    r_photo, r_look = member_ratio(normalise(own), np.stack([photo, lookalike]).astype(np.float32))
+
+    def removed(vec: np.ndarray, image_ratio: float) -> int:
+        st = make_state([("n00", f"n00_{i}", f) for i, f in enumerate(own)])
+        cluster(st)
+        vs = ValSet("lfw", "lfw.parquet", "kprpe", {}, ["img0"], vec[None].astype(np.float32), np.array([1]))
+        return remove_val_overlap(st, [vs], OFFICIAL.val_overlap, image_ratio, block=2,
+                                  weighting="norm")["lfw"]["identities"]
+
+    assert removed(photo, r_photo - 0.01) == 1 and removed(photo, r_photo + 0.01) == 0
+    assert removed(lookalike, r_look - 0.01) == 1 and removed(lookalike, r_look + 0.01) == 0
+    cfg = CleanConfig.model_validate({"thresholds": {"kprpe": {"val_overlap_image": 0.8}}})
+    assert resolve_thresholds(cfg, "kprpe").val_overlap_image == 0.8
+    assert resolve_thresholds(CleanConfig(), "kprpe").val_overlap_image == OFFICIAL.val_overlap_image
+    with pytest.raises(ValueError):
+        EmbedderThresholds(val_overlap_image=0)
+
+
+def test_partial_threshold_override_keeps_the_embedders_own_values():
+    """A config that sets a few of dlib's thresholds keeps dlib's registered values for the rest (dlib's
+    cosine scale), not the cosine embedders' defaults, also after the config crosses a process (pickle)."""
+    import pickle
+
+    from pipeline.clean.select import resolve_thresholds
+    from pipeline.faces.embedders import EMBEDDERS
+
+    dlib = EMBEDDERS.get("dlib").thresholds
+    cfg = CleanConfig.model_validate({"thresholds": {"dlib": {"dbscan_eps": 0.07, "dbscan_min_samples": 1}}})
+    for c in (cfg, pickle.loads(pickle.dumps(cfg))):
+        thr = resolve_thresholds(c, "dlib")
+        assert thr.dbscan_eps == 0.07 and thr.dbscan_min_samples == 1
+        assert thr.val_overlap_image == dlib["val_overlap_image"] != OFFICIAL.val_overlap_image
+        assert thr.merge == dlib["merge"] and thr.val_overlap == dlib["val_overlap"]
+    with pytest.raises(ValueError):  # the merged values are validated together
+        resolve_thresholds(CleanConfig.model_validate({"thresholds": {"dlib": {"merge": 0.8}}}), "dlib")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import registry
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, EmbedderThresholds
 from pipeline.stage import StageError
 
 
@@ -106,7 +106,9 @@ def test_user_embedder_runs_faces_and_clean_reads_its_thresholds(tmp_path):
         from tests import toy_embedder  # imported by the plugins list already: this only names it
 
         assert clean["rows_in"] == 3 and clean["complete"] and clean["embedder"] == "grey8"
-        assert clean["thresholds"] == toy_embedder.THRESHOLDS  # from the entry, not from a faces constant
+        # From the entry, not from a faces constant; what the entry leaves out takes EmbedderThresholds' default.
+        assert clean["thresholds"] == EmbedderThresholds.model_validate(toy_embedder.THRESHOLDS).model_dump()
+        assert {k: clean["thresholds"][k] for k in toy_embedder.THRESHOLDS} == toy_embedder.THRESHOLDS
         # min_samples 1: three singleton clusters of three photos tie, so the name yields nothing (docs/clean.md)
         assert clean["drops"] == {"ambiguous_name": 3}
         with pytest.raises(StageError, match="already registered"):

@@ -4,13 +4,17 @@ An identity is dropped with the reason `val_overlap:<set>` (the set of its best 
 - its center is more similar than `threshold + CENTER_MARGIN` to a validation center, or
 - the center is made of one image (a .bin pair set's photo: a noisy estimate of its person, often of another
   age or domain), the identity's center is above `threshold - CANDIDATE_FLOOR` to it, and the image is as
-  close to the identity's photos as they are to each other (`member_ratio` above MEMBER_RATIO): over the
-  identity's typical photos (nearest-photo cosine at least the identity's median), the mean of the TOP_MEMBERS
-  highest cos(image, photo) / cos(photo, its nearest other photo);
+  close to the identity's photos as they are to each other (`member_ratio` above `image_ratio`, the
+  `val_overlap_image` threshold of the config): over the identity's typical photos (nearest-photo cosine at
+  least the identity's median), the mean of the TOP_MEMBERS highest cos(image, photo) / cos(photo, its nearest
+  other photo);
 - a center file without image counts gets the official rule (center above `threshold`).
-The constants were chosen on the quality benchmark's development seeds (100-104), never on the reported
-ones (docs/clean.md). A center file made with another embedder is refused: cosines between two embedders'
-spaces mean nothing.
+The constants and the default `val_overlap_image` were chosen on the quality benchmark's development seeds
+(100-139), never on the reported ones (docs/clean.md), for recall first: a validation person left in the
+training data inflates every verification figure, a look-alike removed costs one training identity. No rule
+on the identity's photos reaches both overlap targets there (docs/clean.md, "What bounds the overlap
+figures"). A center file made with another embedder is refused: cosines between two embedders' spaces mean
+nothing.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from pipeline.stage import StageError
 from schemas.base import SchemaError
 from schemas.clean import VALSET_CENTERS
 
-# The rule's constants (chosen on the quality benchmark's development seeds 100-104; docs/clean.md).
+# The rule's constants (chosen on the quality benchmark's development seeds 100-139; docs/clean.md). The
+# member-ratio cut is the config's `val_overlap_image` (pipeline/config.py), so users choose the trade-off.
 CENTER_MARGIN = 0.025  # any center matches on the center cosine alone above threshold + this
-CANDIDATE_FLOOR = 0.1  # a one-image center is looked at image by image from threshold - this
+CANDIDATE_FLOOR = 0.15  # a one-image center is looked at image by image from threshold - this
 TOP_MEMBERS = 8  # how many of the identity's best-matching typical photos are compared
-MEMBER_RATIO = 0.76  # mean cos(image, photo) / cos(photo, nearest other photo) above this: the same person
 
 
 @dataclass
@@ -111,7 +115,7 @@ def member_ratio(photos: np.ndarray, images: np.ndarray) -> np.ndarray:
 
 
 def _image_level_hits(state: CleanState, ids: np.ndarray, cand_i: np.ndarray, cand_j: np.ndarray,
-                      images: np.ndarray) -> np.ndarray:
+                      images: np.ndarray, image_ratio: float) -> np.ndarray:
     """Whether each candidate (identity index cand_i into `ids`, image cand_j into `images`) passes the
     member-ratio test; identities with one photo never do (no spread to compare with)."""
     hit = np.zeros(len(cand_i), dtype=bool)
@@ -125,12 +129,12 @@ def _image_level_hits(state: CleanState, ids: np.ndarray, cand_i: np.ndarray, ca
             continue
         sel = np.flatnonzero(cand_i == k)
         photos = normalise(state.feats[rows])
-        hit[sel] = member_ratio(photos, images[cand_j[sel]]) > MEMBER_RATIO
+        hit[sel] = member_ratio(photos, images[cand_j[sel]]) > image_ratio
     return hit
 
 
 def _set_scores(state: CleanState, ids: np.ndarray, centers: np.ndarray, vs: ValSet, threshold: float,
-                block: int) -> np.ndarray:
+                image_ratio: float, block: int) -> np.ndarray:
     """Per identity, the highest center cosine among this set's centers it matches (-inf: none)."""
     if vs.n_images is None:  # no image counts: the official rule
         s, _ = best_match(centers, vs.centers, block)
@@ -141,12 +145,12 @@ def _set_scores(state: CleanState, ids: np.ndarray, centers: np.ndarray, vs: Val
     if one.any():
         images = vs.centers[one]
         i, j, s = pairs_between(centers, images, threshold - CANDIDATE_FLOOR, block)
-        hit = _image_level_hits(state, ids, i, j, images)
+        hit = _image_level_hits(state, ids, i, j, images, image_ratio)
         np.maximum.at(sims, i[hit], s[hit])
     return sims
 
 
-def overlap_verdicts(state: CleanState, valsets: list[ValSet], threshold: float, block: int,
+def overlap_verdicts(state: CleanState, valsets: list[ValSet], threshold: float, image_ratio: float, block: int,
                      weighting: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The validation-overlap decision for every kept identity of `state`: (identity ids ascending, the
     index of the set it is removed for or -1, a (identities x sets) bool matrix of the sets it matched).
@@ -158,7 +162,7 @@ def overlap_verdicts(state: CleanState, valsets: list[ValSet], threshold: float,
     best_set = np.full(len(ids), -1, dtype=np.int64)
     hits = np.zeros((len(ids), len(valsets)), dtype=bool)
     for k, vs in enumerate(valsets):
-        sims = _set_scores(state, ids, centers, vs, threshold, block)
+        sims = _set_scores(state, ids, centers, vs, threshold, image_ratio, block)
         hit = np.isfinite(sims)
         hits[:, k] = hit
         better = hit & (sims > best)
@@ -167,14 +171,14 @@ def overlap_verdicts(state: CleanState, valsets: list[ValSet], threshold: float,
     return ids, best_set, hits
 
 
-def remove_val_overlap(state: CleanState, valsets: list[ValSet], threshold: float, block: int,
-                       weighting: str) -> dict:
+def remove_val_overlap(state: CleanState, valsets: list[ValSet], threshold: float, image_ratio: float,
+                       block: int, weighting: str) -> dict:
     """Drop identities matching any validation center; report per set centers, identities, images."""
     report = {vs.name: {"file": vs.path, "centers": len(vs.centers), "identities": 0, "images": 0,
                         "matched": 0} for vs in valsets}
     if not valsets:
         return report
-    ids, best_set, hits = overlap_verdicts(state, valsets, threshold, block, weighting)
+    ids, best_set, hits = overlap_verdicts(state, valsets, threshold, image_ratio, block, weighting)
     for k, vs in enumerate(valsets):
         report[vs.name]["matched"] = int(hits[:, k].sum())  # identities over the threshold for this set
         victims = ids[best_set == k]

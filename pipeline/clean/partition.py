@@ -329,8 +329,8 @@ class DedupStage(_VerdictStage):
         if not valsets:
             return {"val": {}, "val_matched": {}}
         thr = resolve_thresholds(self.config, loaded.embedder)
-        ids, best_set, hits = overlap_verdicts(state, valsets, thr.val_overlap, self.config.block_size,
-                                               self.config.center_weighting)
+        ids, best_set, hits = overlap_verdicts(state, valsets, thr.val_overlap, thr.val_overlap_image,
+                                               self.config.block_size, self.config.center_weighting)
         rows = np.flatnonzero(state.kept())
         first_ids, first = np.unique(state.ident[rows], return_index=True)
         first_row = dict(zip(first_ids.tolist(), rows[first].tolist()))

@@ -27,16 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def resolve_thresholds(cfg: CleanConfig, embedder: str | None) -> EmbedderThresholds:
-    """Config first, then the thresholds the embedder registered with (pipeline/faces/embedders.py), then the
-    official (kprpe) values for features of an embedder this process does not know."""
+    """Per field: the config's value where it sets one, else the thresholds the embedder registered with
+    (pipeline/faces/embedders.py), else the official (kprpe) values. A config that sets a few fields of
+    dlib's thresholds keeps dlib's scale for the others, not the cosine embedders' defaults."""
     from pipeline.faces.embedders import EMBEDDERS
 
     if embedder is None:
         return EmbedderThresholds()
-    if embedder in cfg.thresholds:
-        return cfg.thresholds[embedder]
     entry = EMBEDDERS.get(embedder)
-    return EmbedderThresholds.model_validate(dict(entry.thresholds)) if entry is not None else EmbedderThresholds()
+    merged = dict(entry.thresholds) if entry is not None else {}
+    if embedder in cfg.thresholds:
+        merged.update(cfg.thresholds[embedder].model_dump(exclude_unset=True))
+    return EmbedderThresholds.model_validate(merged)
 
 
 def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds,
@@ -73,8 +75,8 @@ def clean_selection(state: CleanState, cfg: CleanConfig, thr: EmbedderThresholds
     report["dedup"] = drop_near_duplicates(state, thr.duplicate)
     funnel.append(row("near_duplicates"))
 
-    report["val_overlap"] = remove_val_overlap(state, valsets, thr.val_overlap, cfg.block_size,
-                                               cfg.center_weighting)
+    report["val_overlap"] = remove_val_overlap(state, valsets, thr.val_overlap, thr.val_overlap_image,
+                                               cfg.block_size, cfg.center_weighting)
     funnel.append(row("val_overlap"))
 
     ids, counts = np.unique(state.ident[state.kept()], return_counts=True)

@@ -46,7 +46,9 @@ from pipeline.executors import make_executor  # noqa: E402
 from pipeline.shards import DatasetDir  # noqa: E402
 from pipeline.valsets import write_centers  # noqa: E402
 
-DEV_SEEDS = list(range(100, 105))  # where rules and constants are chosen; reported figures use other seeds
+# Where rules and constants are chosen (the overlap rule on all 40; the stage re-run on the first 5 so the JSON
+# shows them beside the reported figures); reported figures use other seeds.
+DEV_SEEDS = list(range(100, 140))
 TARGETS = {"purity": ">= 0.99", "retention": ">= 0.9", "overlap_recall": ">= 1.0", "overlap_false_removal": "<= 0.01"}
 
 
@@ -150,6 +152,75 @@ def over_seeds(seeds: list[int], setting: Setting, clean: dict, tmp: Path) -> di
     return out
 
 
+# ---- bounds on the one-image overlap decision -----------------------------------------------------------
+
+def _one_image_cases(seed: int, setting: Setting) -> dict:
+    """A seed's one-image validation centers of planted and look-alike persons, scored with what no cleaner
+    sees: cos(image, the person's direction), and cos(image, the noise-free center of the person's photos)
+    with its number of pose/age modes."""
+    sc = build(seed, setting)
+    out: dict = {"planted": len(sc.planted), "lookalikes": len(sc.lookalike), "cases": []}
+    for set_name, owners in sc.val_owner.items():
+        if sc.val_images[set_name] > 1:
+            continue
+        centers = normalise(sc.valsets[set_name])
+        for c, who in enumerate(owners):
+            if who is not None:
+                lat = sc.latent[who]
+                out["cases"].append((who in sc.planted, float(centers[c] @ lat["dir"]),
+                                     float(centers[c] @ lat["center"]), lat["modes"]))
+    return out
+
+
+def _cut(pos: np.ndarray, neg: np.ndarray, recall_first: bool) -> float:
+    """A threshold (remove above it): just below the lowest positive, or the fewest errors."""
+    if recall_first:
+        return float(pos.min()) - 1e-6
+    cand = np.unique(np.concatenate([pos, neg]))
+    return float(min(cand, key=lambda t: (pos <= t).sum() + (neg > t).sum()))
+
+
+def overlap_bounds(dev: list[int], seeds: list[int], setting: Setting) -> dict:
+    """How well a rule could decide one-image validation centers given information no cleaner has, with the
+    thresholds chosen on the dev seeds and counted on the reported seeds (folder centers counted as decided
+    right, as the stage decides them):
+    - `true_direction`: cos(image, the person's direction);
+    - `noise_free_center`: cos(image, the noise-free center of the person's photos), one threshold per number
+      of pose/age modes (both known). A rule on the identity's photos sees at most this, and less: the
+      photos are a finite, noisy sample of that center.
+    Each at two operating points: `recall_first` (just below the lowest planted dev score) and `fewest_errors`
+    (fewest dev errors). Per point, the worst reported seed's overlap_recall and overlap_false_removal."""
+    dev_cases = [_one_image_cases(s, setting) for s in dev]
+    rep = [_one_image_cases(s, setting) for s in seeds]
+
+    def scores(cases: list, kind: str, modes: int | None) -> tuple[np.ndarray, np.ndarray]:
+        col = 1 if kind == "true_direction" else 2
+        sel = [c for c in cases if modes is None or c[3] == modes]
+        v = np.array([c[col] for c in sel])
+        lab = np.array([c[0] for c in sel], dtype=bool)
+        return v[lab], v[~lab]
+
+    out: dict = {"dev_seeds": f"{dev[0]}-{dev[-1]}", "seeds": seeds, "points": []}
+    for kind, groups in (("true_direction", [None]), ("noise_free_center", [1, 2, 3])):
+        for point in ("recall_first", "fewest_errors"):
+            cuts = {m: _cut(*scores([c for d in dev_cases for c in d["cases"]], kind, m), point == "recall_first")
+                    for m in groups}
+            per_seed = []
+            for r in rep:
+                missed = removed = 0
+                for m in groups:
+                    pos, neg = scores(r["cases"], kind, m)
+                    missed += int((pos <= cuts[m]).sum())
+                    removed += int((neg > cuts[m]).sum())
+                per_seed.append((1 - missed / r["planted"], removed / r["lookalikes"], missed, removed))
+            out["points"].append({
+                "bound": kind, "point": point,
+                "threshold": [round(t, 4) for t in cuts.values()],  # noise-free center: one per 1, 2, 3 modes
+                "overlap_recall": min(p[0] for p in per_seed), "overlap_false_removal": max(p[1] for p in per_seed),
+                "missed_per_seed": [p[2] for p in per_seed], "removed_per_seed": [p[3] for p in per_seed]})
+    return out
+
+
 # ---- calibration against real dlib faces -------------------------------------------------------------
 
 def real_dlib_cosines() -> dict[str, np.ndarray] | None:
@@ -236,25 +307,38 @@ def calibration(setting: Setting) -> dict:
 
 # ---- plot ----------------------------------------------------------------------------------------------
 
-def sweep_svg(points: list[dict], path: Path) -> None:
+def sweep_svg(points: list[dict], bounds: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for family in sorted({p["family"] for p in points}):
         pts = [p for p in points if p["family"] == family]
-        ax.plot([p["retention"] for p in pts], [p["purity"] for p in pts], "o-", label=family)
-        for p in pts:
-            ax.annotate(f"{p['value']}", (p["retention"], p["purity"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        panels = [(ax, "retention", "purity")]
+        if family == "val_overlap_image":  # the overlap trade-off: the one-image cut decides the errors
+            panels.append((bx, "overlap_false_removal", "overlap_recall"))
+        for a, x, y in panels:
+            a.plot([p[x] for p in pts], [p[y] for p in pts], "o-", label=family)
+            for p in pts:
+                a.annotate(f"{p['value']}", (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for v in bounds["points"]:
+        bx.plot([v["overlap_false_removal"]], [v["overlap_recall"]], "kx" if v["bound"] == "true_direction" else "k+")
+        bx.annotate(f"{v['bound']}, {v['point']}".replace("_", " "), (v["overlap_false_removal"], v["overlap_recall"]),
+                    fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.axhline(0.99, color="grey", lw=0.8, ls="--")
     ax.axvline(0.90, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("retention (worst seed)")
     ax.set_ylabel("purity (worst seed)")
     ax.set_title("clean: threshold sweep, hard setting")
     ax.legend(fontsize=8)
+    bx.axhline(1.0, color="grey", lw=0.8, ls="--")
+    bx.axvline(0.01, color="grey", lw=0.8, ls="--")
+    bx.set_xlabel("overlap false removal (worst seed)")
+    bx.set_ylabel("overlap recall (worst seed)")
+    bx.set_title("validation overlap; x/+: bounds with hidden truth")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
@@ -265,7 +349,7 @@ def main() -> None:
     ap.add_argument("--names", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0,
-                    help="first seed (the rules were chosen on the development seeds 100-104: report on others)")
+                    help="first seed (the rules were chosen on the development seeds 100-139: report on others)")
     ap.add_argument("--quick", action="store_true", help="hard setting only (no sweep, noise scan, calibration)")
     args = ap.parse_args()
     rec = Recorder("clean_quality", args)
@@ -283,26 +367,31 @@ def main() -> None:
         if not args.quick:
             # The development seeds the overlap rule's constants were chosen on (pipeline/clean/overlap.py),
             # run again so the JSON shows them beside the reported seeds; never the headline.
-            dev = [s for s in DEV_SEEDS if s not in seeds]
+            dev = [s for s in DEV_SEEDS[:5] if s not in seeds]
             if dev:
                 d = over_seeds(dev, setting, clean, tmp)
                 details["development_seeds"] = {
                     "seeds": dev, "note": "the validation-overlap rule and its constants (pipeline/clean/overlap.py) "
-                    "were chosen on these seeds; the headlines are the other seeds", **{k: d[k] for k in TARGETS}}
+                    f"were chosen on seeds {DEV_SEEDS[0]}-{DEV_SEEDS[-1]}, these among them; the headlines are "
+                    "the other seeds", **{k: d[k] for k in TARGETS}}
                 print("development seeds:", details["development_seeds"])
             sweep_seeds = seeds[:2]
             official = over_seeds(sweep_seeds, setting, {}, tmp)
             details["official_thresholds"] = {k: official[k] for k in TARGETS}
             print("official:", details["official_thresholds"])
             points = []
-            for family, values in (("dbscan_eps", (0.5, 0.55, 0.6, 0.7)), ("val_overlap", (0.65, 0.7, 0.75))):
+            for family, values in (("dbscan_eps", (0.5, 0.55, 0.6, 0.7)), ("val_overlap", (0.65, 0.7, 0.75)),
+                                   ("val_overlap_image", (0.7, 0.73, 0.76, 0.79))):
                 for v in values:
                     thr = {"thresholds": {"kprpe": {**tuned, family: v}}}
                     r = over_seeds(sweep_seeds, setting, thr, tmp)
                     points.append({"family": family, "value": v, **{k: r[k]["worst"] for k in TARGETS}})
                     print("sweep", points[-1])
             details["sweep"] = points
-            sweep_svg(points, ROOT / "docs" / "clean_sweep.svg")
+            bounds = overlap_bounds([s for s in DEV_SEEDS if s not in seeds], seeds, setting)
+            details["overlap_bounds"] = bounds
+            print("overlap bounds", bounds["points"])
+            sweep_svg(points, bounds, ROOT / "docs" / "clean_sweep.svg")
             scan = []
             for lo, hi in ((0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9)):
                 r = over_seeds(sweep_seeds, replace(setting, noise=(lo, hi)), clean, tmp)

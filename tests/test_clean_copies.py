@@ -259,3 +259,30 @@ def test_keypoints_join_reframed_copies_and_tell_photos_apart():
         assert kp.same_photo(2 * k, 2 * k + 1), names[k]
     for a, b in itertools.combinations(range(len(names)), 2):
         assert not kp.same_photo(2 * a, 2 * b + 1) and not kp.same_photo(2 * a, 2 * b), (names[a], names[b])
+
+
+def test_hard_scenario_hidden_truth_is_the_generators():
+    """The overlap bounds of benchmarks/clean_quality.py read `Scenario.latent`: each look-alike center is at
+    the documented cosine to its person's direction, and a person's photos average to its noise-free center
+    (its modes' mean), not to its direction."""
+    from pipeline.clean.scenario import Setting, build
+
+    s = Setting(names=60, dim=256)
+    sc = build(3, s)
+    for set_name, owners in sc.val_owner.items():
+        centers = normalise(sc.valsets[set_name])
+        for c, who in enumerate(owners):
+            if who in sc.lookalike:
+                cos = float(centers[c] @ sc.latent[who]["dir"])
+                assert s.lookalike_cos[0] - 1e-4 <= cos <= s.lookalike_cos[1] + 1e-4
+    feats = np.frombuffer(b"".join(sc.rows.cols["feature"]), dtype="<f2").reshape(len(sc.rows), -1)
+    truth = np.array(sc.rows.truth)
+    checked = 0
+    for who, lat in sc.latent.items():
+        mine = normalise(feats[truth == who].astype(np.float32))
+        if len(mine) < 20:
+            continue
+        mean = normalise(mine.mean(axis=0, keepdims=True))[0]
+        assert mean @ lat["center"] > 0.95 and mean @ lat["center"] > mean @ lat["dir"] + 0.02
+        checked += 1
+    assert checked >= 10

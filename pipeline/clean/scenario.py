@@ -71,6 +71,9 @@ class Scenario:
     val_owner: dict[str, list[str | None]] = field(default_factory=dict)
     # Images behind each center of a set: lfw is a .bin pair set (one image a center), agedb_30 folders of 3.
     val_images: dict[str, int] = field(default_factory=lambda: {"lfw": 1, "agedb_30": 3})
+    # Per person ("P<k>"), what no cleaner sees: the person's direction, the noise-free center of its photos
+    # (the normalised mean of its pose/age modes) and its number of modes; for bounds on the overlap rule.
+    latent: dict[str, dict] = field(default_factory=dict)
 
 
 def _person(rng: np.random.Generator, common: np.ndarray, group: np.ndarray, s: Setting, share: float) -> np.ndarray:
@@ -183,8 +186,11 @@ def build(seed: int, s: Setting) -> Scenario:
     owner = lambda ks: [f"P{k}" for k in ks]  # noqa: E731
     val_owner = {"lfw": owner(planted[:half]) + owner(lookalike[: len(looks) // 2]) + [None] * s.random_centers,
                  "agedb_30": owner(planted[half:]) + owner(lookalike[len(looks) // 2:]) + [None] * s.random_centers}
+    latent = {f"P{k}": {"dir": p["dir"], "center": normalise(np.mean(p["modes"], axis=0)[None])[0],
+                        "modes": len(p["modes"])} for k, p in enumerate(persons)}
     return Scenario(rows=rows, expected=expected, copies=copies, planted={f"P{k}" for k in planted},
-                    lookalike={f"P{k}" for k in lookalike}, valsets=valsets, names=len(names), val_owner=val_owner)
+                    lookalike={f"P{k}" for k in lookalike}, valsets=valsets, names=len(names), val_owner=val_owner,
+                    latent=latent)
 
 
 def pair_cosines(seed: int, s: Setting, n: int = 4000) -> dict[str, np.ndarray]:

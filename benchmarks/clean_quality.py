@@ -327,18 +327,16 @@ def sweep_svg(points: list[dict], bounds: dict, path: Path) -> None:
         bx.plot([v["overlap_false_removal"]], [v["overlap_recall"]], "kx" if v["bound"] == "true_direction" else "k+")
         bx.annotate(f"{v['bound']}, {v['point']}".replace("_", " "), (v["overlap_false_removal"], v["overlap_recall"]),
                     fontsize=6, xytext=(3, -8), textcoords="offset points")
-    ax.axhline(0.99, color="grey", lw=0.8, ls="--")
-    ax.axvline(0.90, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("retention (worst seed)")
-    ax.set_ylabel("purity (worst seed)")
-    ax.set_title("clean: threshold sweep, hard setting")
-    ax.legend(fontsize=8)
-    bx.axhline(1.0, color="grey", lw=0.8, ls="--")
-    bx.axvline(0.01, color="grey", lw=0.8, ls="--")
-    bx.set_xlabel("overlap false removal (worst seed)")
-    bx.set_ylabel("overlap recall (worst seed)")
-    bx.set_title("validation overlap; x/+: bounds with hidden truth")
-    bx.legend(fontsize=8)
+    for a, (tx, ty), (xl, yl), title in (
+            (ax, (0.90, 0.99), ("retention", "purity"), "clean: threshold sweep, hard setting"),
+            (bx, (0.01, 1.0), ("overlap false removal", "overlap recall"),
+             "validation overlap; x/+: bounds with hidden truth")):
+        a.axhline(ty, color="grey", lw=0.8, ls="--")  # the targets
+        a.axvline(tx, color="grey", lw=0.8, ls="--")
+        a.set_xlabel(f"{xl} (worst seed)")
+        a.set_ylabel(f"{yl} (worst seed)")
+        a.set_title(title)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
